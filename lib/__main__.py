@@ -1,0 +1,3 @@
+from slurmtune.cli import main
+import sys
+sys.exit(main())
