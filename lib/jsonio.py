@@ -117,12 +117,14 @@ def _parse_line(number: int, raw: bytes, last: bool) -> Item:
     except UnicodeDecodeError as e:
         return Item(number, error=f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
                                   f"{e.start + 1}); expected UTF-8 text")
+    text = text.rstrip("\r\n")
     if not text.strip():
         return Item(number, value=_BLANK)
     try:
         return Item(number, value=json.loads(text))
     except json.JSONDecodeError as e:
-        hint = " (the file looks truncated)" if last else ""
+        ends_early = e.pos >= len(text.rstrip())
+        hint = " (the file looks truncated)" if last and ends_early else " (the record ends early)" if ends_early else ""
         return Item(number, error=f"invalid JSON: {e.msg} at column {e.colno}{hint}")
 
 

@@ -180,7 +180,7 @@ def _validate_file(path, fmt, check_paths, problem, seen_rows, group_file, lengt
                 lengths.add(item.value, path, item.line, problem)
     except DataError as e:
         problem(e.path, e.line, e.field, e.reason)
-    return (checker.fmt if checker else fmt), rows
+    return (checker.fmt if checker else "unknown" if fmt == "auto" else fmt), rows
 
 
 def _check_duplicate(value, fmt, path, line, seen_rows, problem) -> None:

@@ -129,6 +129,7 @@ class Summary:
     seed: int = 42
     split: float | None = None
     ok: bool = True
+    error: str | None = None  # why reading stopped early, if it did
 
     def balanced(self) -> bool:
         return self.read == (self.accepted + self.excluded_consent + self.excluded_demo
@@ -157,7 +158,13 @@ def run_conversion(converter: Converter, inputs: list[str | os.PathLike], out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".spool-") as spool_dir:
         spool = _Spool(Path(spool_dir), converter, split)
-        rejected_rows = _convert_all(converter, paths, summary, spool, keep_rejected=(on_error == "skip"))
+        try:
+            rejected_rows = _convert_all(converter, paths, summary, spool, keep_rejected=(on_error == "skip"))
+        except SlurmtuneError as e:  # the input cannot be read any further
+            spool.close()
+            summary.ok, summary.error = False, str(e)
+            _write_summary(out_dir, summary)
+            raise
         summary.ok = summary.rejected == 0 or on_error == "skip"
         assert summary.balanced(), f"conversion lost rows: {summary}"
         if summary.ok:
