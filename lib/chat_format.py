@@ -5,11 +5,12 @@
     tok = load_tokenizer("models/mistral-7b")
     prompt_len, total = token_counts(tok, record)   # tokens before the trained part, all tokens
 
-Real templates differ: Mistral's raises on a system turn, most expect string
-content. :func:`to_template_messages` adapts a record to what the template
-accepts (system text folded into the first user turn when the template refuses
-a system role; media parts rendered as placeholders) so the same data works
-with every model.
+Real templates differ: Mistral's raises on a system turn and on turns that do
+not alternate user/assistant, most expect string content.
+:func:`to_template_messages` adapts a record to what the template accepts
+(media parts rendered as placeholders; for strict templates the system text
+opens the first user turn and same-role neighbours are joined) so the same
+data works with every model.
 """
 
 from __future__ import annotations
@@ -41,22 +42,33 @@ def _flatten(content: Any) -> str:
     return "\n".join(parts)
 
 
-def to_template_messages(messages: list[dict], system_ok: bool = True) -> list[dict]:
+def to_template_messages(messages: list[dict], strict: bool = False) -> list[dict]:
+    """String contents; with ``strict``, the shape strict templates (Mistral) demand:
+    no system turn (its text opens the first user turn), user first, roles alternating
+    (consecutive turns of one role are joined)."""
     out = [{"role": m["role"], "content": _flatten(m.get("content"))} for m in messages]
-    if not system_ok and out and out[0]["role"] == "system":
-        system = out.pop(0)["content"]
-        if out and out[0]["role"] == "user":
-            out[0] = {"role": "user", "content": f"{system}\n\n{out[0]['content']}"}
+    if not strict:
+        return out
+    system = out.pop(0)["content"] if out and out[0]["role"] == "system" else None
+    if not out or out[0]["role"] != "user":
+        out.insert(0, {"role": "user", "content": ""})
+    merged: list[dict] = []
+    for m in out:
+        if merged and merged[-1]["role"] == m["role"]:
+            merged[-1] = {"role": m["role"], "content": f"{merged[-1]['content']}\n\n{m['content']}"}
         else:
-            out.insert(0, {"role": "user", "content": system})
-    return out
+            merged.append(dict(m))
+    if system is not None:
+        first = merged[0]["content"]
+        merged[0]["content"] = f"{system}\n\n{first}" if first else system
+    return merged
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
     """Token ids of ``messages`` under the tokenizer's template (system folded in if refused)."""
     last_error = None
-    for system_ok in (True, False):
-        msgs = to_template_messages(messages, system_ok)
+    for strict in (False, True):
+        msgs = to_template_messages(messages, strict)
         try:
             ids = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # jinja2 TemplateError from the model's own template
