@@ -1,7 +1,10 @@
-"""The ``slurmtune`` command. Each sub-command is a thin layer over one module.
+"""The data commands of ``slurmtune`` (config, convert, validate, split, make-tiny-model).
 
-Exit status: 0 success, 1 invalid input or a failed step, 2 usage error.
-Errors the user can fix are printed as one line (or one list), never a traceback.
+Each sub-command is a thin layer over one module. The job commands (run,
+submit, status, ...) live in slurmtune.jobs.cli, which builds the full command
+line from these and its own. Exit status: 0 success, 1 invalid input or a
+failed step, 2 usage error. Errors the user can fix are printed as one line
+(or one list), never a traceback.
 """
 
 from __future__ import annotations
@@ -11,17 +14,20 @@ import json
 import sys
 from pathlib import Path
 
-from slurmtune import __version__
 from slurmtune.errors import SlurmtuneError, UsageError
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+def add_data_commands(sub, argv: list[str]) -> None:
+    """The data commands; jobs/cli.py adds the job commands to the same parser."""
+    _add_config(sub)
+    _add_convert(sub, argv)
+    _add_validate(sub)
+    _add_split(sub)
+    _add_make_tiny_model(sub)
+
+
+def run_command(args) -> int:
+    """Run a parsed command; user-fixable errors become one line and an exit status."""
     try:
         return args.func(args) or 0
     except SlurmtuneError as e:
@@ -30,18 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slurmtune: interrupted", file=sys.stderr)
         return 130
-
-
-def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slurmtune", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"slurmtune {__version__}")
-    sub = parser.add_subparsers(metavar="COMMAND")
-    _add_config(sub)
-    _add_convert(sub, argv)
-    _add_validate(sub)
-    _add_split(sub)
-    _add_make_tiny_model(sub)
-    return parser
 
 
 # --- config ---------------------------------------------------------------------------
@@ -188,7 +182,3 @@ def _make_tiny_model(args) -> int:
     path = make_tiny_model(args.out_dir, arch=args.arch, seed=args.seed)
     print(f"tiny {args.arch} model written to {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -50,6 +50,7 @@ class DataConfig:
     inputs: list[str] = _paths("raw source files for the convert step")
     options: dict[str, str] = field(default_factory=dict)  # converter options, e.g. clean_replacement
     split: float | None = None  # share of converted rows kept for training; the rest validates
+    on_error: Literal["fail", "skip"] = "fail"  # invalid source rows: stop, or drop them (rejected.jsonl)
     train_files: list[str] = _paths("canonical chat / prompt-completion training files")
     validation_file: str | None = _path(doc="file for validation loss and early stopping")
     eval_file: str | None = _path(doc="file the eval array generates answers for")
@@ -161,6 +162,15 @@ def load_manifest(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     if problems:
         raise ConfigError(problems, source=str(path))
     return cfg
+
+
+def build(cls, raw: Any, source: str, base: Path | None = None):
+    """Any schema dataclass from a plain mapping, with the same checks as a manifest."""
+    problems: list[str] = []
+    obj = _build(cls, raw, "", problems, base=base)
+    if problems:
+        raise ConfigError(problems, source=source)
+    return obj
 
 
 def from_dict(raw: dict, base: Path | None = None) -> RunConfig:

@@ -29,7 +29,7 @@ class Result:
 @pytest.fixture
 def cli(capsys):
     """Run ``slurmtune ARGS`` in this process: ``cli("convert", ...) -> Result``."""
-    from slurmtune.cli import main
+    from slurmtune.jobs.cli import main
 
     def run(*args) -> Result:
         capsys.readouterr()
@@ -45,7 +45,7 @@ def cli(capsys):
 
 def run_subprocess(*args, env=None, cwd=None, timeout=120) -> Result:
     """The real command line, as scripts call it."""
-    p = subprocess.run([sys.executable, "-m", "slurmtune", *map(str, args)], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "slurmtune.jobs", *map(str, args)], capture_output=True,
                        text=True, env=env, cwd=cwd, timeout=timeout)
     return Result(p.returncode, p.stdout, p.stderr)
 

@@ -1,0 +1,73 @@
+"""The one shape every job has: validate on construction, run, checkpoint for requeue.
+
+::
+
+    job = TrainJob(run_dir)   # loads runs/<id>/manifest.yaml and checks it; raises ConfigError
+    job()                     # what the SLURM task (or local process) executes
+    job.checkpoint()          # what submitit calls on a timeout/preemption signal
+
+A job is a small picklable object holding only its run folder and step name:
+the configuration is read from the run's resolved manifest, so what runs on
+the node is exactly what `slurmtune config` printed on the login node. Each
+job reports its own state to ``status/<step>.json`` so `slurmtune status` can
+say what happened even when the scheduler has forgotten the job.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+from typing import Any, ClassVar
+
+from slurmtune.config import RunConfig
+from slurmtune.errors import ConfigError, SlurmtuneError
+from slurmtune.runs import Run, report_status
+from slurmtune.slurm import resubmission
+
+
+class Job:
+    kind: ClassVar[str]
+    gpus_used: ClassVar[int] = 0  # GPUs per task this kind can use
+
+    def __init__(self, run_dir: str | Path, step: str | None = None):
+        self.run_dir = str(Path(run_dir).resolve())
+        self.step = step or self.kind
+        problems = self.check(self.config())
+        if problems:
+            raise ConfigError(problems, source=f"{self.kind} job")
+
+    def config(self) -> RunConfig:
+        return Run.open(self.run_dir).config()
+
+    def check(self, cfg: RunConfig) -> list[str]:
+        """Problems that make this job pointless to queue, each with its fix."""
+        return []
+
+    def run(self, cfg: RunConfig, *args: Any) -> Any:
+        raise NotImplementedError
+
+    def __call__(self, *args: Any) -> Any:
+        step = self.step_name(*args)
+        report_status(self.run_dir, step, "RUNNING")
+        try:
+            result = self.run(self.config(), *args)
+        except BaseException as e:
+            report_status(self.run_dir, step, "FAILED", error=_last_line(e))
+            if not isinstance(e, SlurmtuneError):
+                traceback.print_exc()
+            raise
+        report_status(self.run_dir, step, "COMPLETED")
+        return result
+
+    def step_name(self, *args: Any) -> str:
+        return self.step if not args else f"{self.step}.{args[0]}"
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """Requeue this same job; it resumes from whatever it saved."""
+        report_status(self.run_dir, self.step_name(*args), "REQUEUED")
+        return resubmission(self)
+
+
+def _last_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0] if isinstance(e, SlurmtuneError) else f"{type(e).__name__}: {text.splitlines()[-1]}"

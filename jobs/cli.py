@@ -1,0 +1,286 @@
+"""The ``slurmtune`` command line: the data commands (slurmtune.cli) plus the job commands.
+
+::
+
+    slurmtune run manifests/quickstart.yaml                      # the whole pipeline
+    slurmtune run manifests/quickstart.yaml --cluster local-test  # ... on a SLURM cluster
+    slurmtune submit train runs/quickstart-...                   # one step (e.g. resume training)
+    slurmtune status [RUN] [--json]    slurmtune logs RUN [STEP] [--follow]
+    slurmtune cancel RUN               slurmtune doctor [--cluster NAME]
+
+Submitting returns at once on SLURM, printing the run id and job ids; a later
+shell reattaches with `slurmtune status RUN`. The local executor runs in the
+foreground (streaming the job's log) unless --detach is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from slurmtune import __version__
+from slurmtune.cli import add_data_commands, run_command
+from slurmtune.config import RunConfig, load_manifest
+from slurmtune.errors import ConfigError, UsageError
+from slurmtune.profiles import ClusterProfile, load_profile
+from slurmtune.runs import Run
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return run_command(args)
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slurmtune", description="LoRA/QLoRA fine-tuning of language "
+                                     "models on course data, as SLURM batch jobs")
+    parser.add_argument("--version", action="version", version=f"slurmtune {__version__}")
+    sub = parser.add_subparsers(metavar="COMMAND")
+    add_data_commands(sub, argv)
+    _add_run(sub)
+    _add_submit(sub)
+    _add_status(sub)
+    _add_logs(sub)
+    _add_cancel(sub)
+    _add_doctor(sub)
+    return parser
+
+
+def _where_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", metavar="NAME", help="cluster profile in slurm/ (or a YAML path)")
+    p.add_argument("--executor", choices=["auto", "slurm", "local", "debug"],
+                   help="default: slurm when sbatch is here and a cluster is chosen, else local")
+    p.add_argument("--dry-run", action="store_true", help="write and print the sbatch scripts, submit nothing")
+    p.add_argument("--detach", action="store_true", help="local executor: return at once, do not wait")
+
+
+# --- run / submit ---------------------------------------------------------------------
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="submit the whole pipeline: convert -> validate -> train -> eval -> report")
+    p.add_argument("manifest")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    _where_flags(p)
+    p.set_defaults(func=_run)
+
+
+def _add_submit(sub) -> None:
+    p = sub.add_parser("submit", help="submit one job of a manifest, or of an existing run (e.g. to resume)")
+    p.add_argument("job", metavar="JOB", help="convert, validate, train, train_deepspeed, eval or report")
+    p.add_argument("target", metavar="MANIFEST|RUN")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    _where_flags(p)
+    p.set_defaults(func=_submit)
+
+
+def _run(args) -> int:
+    cfg = _manifest(args.manifest, args.overrides, args)
+    return _launch(cfg, None, args)
+
+
+def _submit(args) -> int:
+    from slurmtune.jobs.pipeline import JOBS
+    if args.job not in JOBS:
+        raise UsageError(f"unknown job {args.job!r}; expected one of {', '.join(JOBS)}")
+    target = Path(args.target)
+    if (target / "run.json").is_file() or not target.suffix:
+        run = Run.open(args.target)
+        if args.overrides:
+            raise UsageError("an existing run keeps its manifest; start a new run to change settings")
+        return _launch(run.config(), args.job, args, existing=run)
+    return _launch(_manifest(args.target, args.overrides, args), args.job, args)
+
+
+def _manifest(path: str, overrides: list[str], args) -> RunConfig:
+    extra = []
+    if args.cluster:
+        extra.append(f"slurm.cluster={args.cluster}")
+    if args.executor:
+        extra.append(f"slurm.executor={args.executor}")
+    return load_manifest(path, [*overrides, *extra])
+
+
+def _launch(cfg: RunConfig, only: str | None, args, existing: Run | None = None) -> int:
+    from slurmtune.jobs.pipeline import plan_run, submit_run
+    from slurmtune.slurm import choose_executor
+    executor, notice = choose_executor(args.executor or cfg.slurm.executor, args.cluster or cfg.slurm.cluster)
+    if notice:
+        print(notice, file=sys.stderr)
+    profile = load_profile(args.cluster or cfg.slurm.cluster) if (args.cluster or cfg.slurm.cluster) \
+        else ClusterProfile(name="local")
+    plan = plan_run(cfg, only)
+    _preflight(cfg, plan, profile, executor, only, existing)
+    run = existing or Run.create(cfg, executor, profile.name if executor == "slurm" else None, args.dry_run)
+    print(f"run {run.run_id}\n  {run.dir}")
+    submit_run(run, plan, executor, profile, dry_run=args.dry_run)
+    if args.dry_run:
+        print("dry run: nothing was submitted")
+        return 0
+    if executor == "slurm" or args.detach:
+        print(f"follow it with: slurmtune status {run.run_id}")
+        return 0
+    return _wait_local(run)
+
+
+def _preflight(cfg, plan, profile, executor, only, existing) -> None:
+    from slurmtune.preflight import ClusterFacts, StepNeeds, check_cluster, check_gpus, check_paths
+    needs = [StepNeeds(s.name, s.kind, s.request.gpus_per_node, s.request.nodes, s.request.time_min,
+                       s.request.partition or (profile.partition if s.request.gpus_per_node
+                                               else profile.cpu_partition or profile.partition),
+                       s.shards) for s in plan]
+    problems = check_paths(cfg, profile) + check_gpus(cfg, needs)
+    if executor == "slurm":
+        from slurmtune import slurm
+        facts = ClusterFacts(slurm.partitions(), profile.max_array_size or slurm.max_array_size())
+        problems += check_cluster(needs, facts)
+    if only and existing is None and only not in ("convert", "validate") and cfg.data.inputs:
+        problems.append(f"{only}: this manifest's data is converted by the pipeline; run the whole "
+                        "pipeline (slurmtune run) or submit into an existing run")
+    if problems:
+        raise ConfigError(problems, source="not submitted")
+
+
+def _wait_local(run: Run) -> int:
+    from slurmtune.status import format_table, overall, run_status
+    jobs = getattr(run, "local_jobs", [])
+    logs = _Follower(run)
+    for job in jobs:
+        while not job.done():
+            logs.print_new()
+            time.sleep(0.5)
+    logs.print_new()
+    for job in jobs:
+        try:
+            job.result()
+        except Exception:  # the failure is reported by status below, with its log
+            pass
+    rows = run_status(run)
+    print(format_table(run, rows))
+    report = run.dir / "report.html"
+    if report.is_file():
+        print(f"report: {report}")
+    return 0 if overall(rows) == "COMPLETED" else 1
+
+
+# --- status / logs / cancel -----------------------------------------------------------
+
+def _run_ref(p) -> None:
+    p.add_argument("--root", default="runs", help="folder holding run folders (default: runs)")
+
+
+def _add_status(sub) -> None:
+    p = sub.add_parser("status", help="state of each step of a run (default: the newest run)")
+    p.add_argument("run", nargs="?", metavar="RUN")
+    p.add_argument("--json", action="store_true")
+    _run_ref(p)
+    p.set_defaults(func=_status)
+
+
+def _status(args) -> int:
+    from slurmtune.status import as_json, format_table, overall, run_status
+    run = Run.open(args.run, args.root)
+    rows = run_status(run)
+    print(json.dumps(as_json(run, rows), indent=2) if args.json else format_table(run, rows))
+    return 1 if overall(rows) == "FAILED" else 0
+
+
+def _add_logs(sub) -> None:
+    p = sub.add_parser("logs", help="print (or follow) the logs of a run's step")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("step", nargs="?", metavar="STEP")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the step ends")
+    _run_ref(p)
+    p.set_defaults(func=_logs)
+
+
+def _logs(args) -> int:
+    from slurmtune.status import ACTIVE, run_status
+    run = Run.open(args.run, args.root)
+    follower = _Follower(run, args.step)
+    follower.print_new()
+    while args.follow:
+        time.sleep(1.0)
+        follower.print_new()
+        rows = [r for r in run_status(run) if args.step in (None, r.step)]
+        if not any(r.state in ACTIVE for r in rows):
+            follower.print_new()
+            break
+    return 0
+
+
+class _Follower:
+    """Prints what a run's (or one step's) log files gained since the last call."""
+
+    def __init__(self, run: Run, step: str | None = None):
+        self.run, self.step, self.offsets = run, step, {}
+
+    def files(self) -> list[Path]:
+        ids = [j for s in self.run.record.steps if self.step in (None, s.name) for j in s.job_ids]
+        found = []
+        for jid in dict.fromkeys(ids):
+            found += sorted(self.run.slurm_dir.glob(f"{jid}_*log.out")) + sorted(self.run.slurm_dir.glob(f"{jid}_*log.err"))
+        return found
+
+    def print_new(self) -> None:
+        for path in self.files():
+            start = self.offsets.get(path, 0)
+            with open(path, "rb") as f:
+                f.seek(start)
+                chunk = f.read()
+            if chunk:
+                self.offsets[path] = start + len(chunk)
+                sys.stdout.write(chunk.decode("utf-8", "replace"))
+                sys.stdout.flush()
+
+
+def _add_cancel(sub) -> None:
+    p = sub.add_parser("cancel", help="cancel every job of a run")
+    p.add_argument("run", metavar="RUN")
+    _run_ref(p)
+    p.set_defaults(func=_cancel)
+
+
+def _cancel(args) -> int:
+    import os
+    import signal
+    from slurmtune import slurm
+    run = Run.open(args.run, args.root)
+    ids = list(dict.fromkeys(j for s in run.record.steps for j in s.job_ids))
+    if run.record.executor == "slurm":
+        slurm.cancel(ids)
+    else:
+        for pid in ids:
+            try:
+                os.kill(int(pid), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
+    run.record.cancelled = True
+    run.save()
+    print(f"cancelled {run.run_id}: jobs {', '.join(ids) or 'none'}")
+    return 0
+
+
+def _add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="check this login node and cluster profile before submitting")
+    p.add_argument("--cluster", metavar="NAME", help="cluster profile in slurm/ (or a YAML path)")
+    p.set_defaults(func=_doctor)
+
+
+def _doctor(args) -> int:
+    from slurmtune.doctor import diagnose
+    findings = diagnose(load_profile(args.cluster) if args.cluster else None)
+    for f in findings:
+        print(f"{f.level:<5} {f.message}")
+        if f.fix:
+            print(f"      fix: {f.fix}")
+    bad = sum(f.level == "FAIL" for f in findings)
+    print(f"doctor: {len(findings)} checks, {bad} failed")
+    return 1 if bad else 0

@@ -1,0 +1,40 @@
+"""One shard of the eval set: batched greedy generation from the base model + the run's adapter.
+
+Submitted as an array (one task per shard, ``eval.array_parallelism`` at a time).
+A shard whose predictions file is complete returns at once, so a requeued or
+re-run array redoes only unfinished shards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from slurmtune.config import RunConfig
+from slurmtune.runs import eval_file
+
+from slurmtune.jobs.base import Job
+
+
+def shard_file(run_dir: str | Path, index: int, count: int) -> Path:
+    return Path(run_dir) / "eval" / f"predictions.shard-{index:04d}-of-{count:04d}.jsonl"
+
+
+class EvalJob(Job):
+    kind = "eval"
+    gpus_used = 1
+
+    def check(self, cfg: RunConfig) -> list[str]:
+        problems = []
+        if cfg.eval.shards < 1:
+            problems.append(f"eval.shards: {cfg.eval.shards}; expected 1 or more")
+        if not (cfg.data.eval_file or cfg.data.split or cfg.data.validation_file):
+            problems.append("nothing to evaluate: set data.eval_file (or data.split / data.validation_file)")
+        return problems
+
+    def run(self, cfg: RunConfig, shard: int = 0) -> str:
+        from slurmtune.generate import predict_file
+        out = shard_file(self.run_dir, shard, cfg.eval.shards)
+        predict_file(cfg.model.path, eval_file(cfg, self.run_dir), out, adapter=str(Path(self.run_dir) / "final"),
+                     shard=(shard, cfg.eval.shards), batch_size=cfg.eval.batch_size,
+                     max_new_tokens=cfg.eval.max_new_tokens)
+        return str(out)

@@ -1,0 +1,143 @@
+"""A run as a chain of jobs: convert -> validate -> train -> eval (array) -> report.
+
+::
+
+    plan = plan_run(cfg)                         # which steps, what each asks for
+    run = submit_run(cfg, plan, executor="slurm", profile=profile)
+
+On SLURM each step is its own sbatch job depending ``afterok`` on the one
+before (a failed step cancels the rest). With the local and debug executors
+the steps run one after another in a single job, sharing one Python process
+(imports of the ML stack cost seconds each).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from slurmtune.config import RunConfig
+from slurmtune.profiles import ClusterProfile
+from slurmtune.runs import Run, Step, eval_file
+from slurmtune.slurm import Request, render_script, submit
+
+from slurmtune.jobs.base import Job
+from slurmtune.jobs.convert import ConvertJob
+from slurmtune.jobs.eval import EvalJob
+from slurmtune.jobs.report import ReportJob
+from slurmtune.jobs.train import TrainJob
+from slurmtune.jobs.train_deepspeed import TrainDeepSpeedJob
+from slurmtune.jobs.validate import ValidateJob
+
+JOBS: dict[str, type[Job]] = {cls.kind: cls for cls in
+                              (ConvertJob, ValidateJob, TrainJob, TrainDeepSpeedJob, EvalJob, ReportJob)}
+CPU_STEP_TIME_MIN = 30
+
+
+@dataclass
+class PlannedStep:
+    name: str
+    kind: str
+    request: Request
+    shards: int | None = None  # array tasks
+
+    @property
+    def gpus(self) -> int:
+        return self.request.gpus_per_node * self.request.nodes
+
+
+def plan_run(cfg: RunConfig, only: str | None = None) -> list[PlannedStep]:
+    """The steps of a run (or the single step ``only``) and the resources of each."""
+    gpus = cfg.slurm.gpus
+    distributed = cfg.distributed.nodes * cfg.distributed.gpus_per_node > 1
+    train_kind = "train_deepspeed" if distributed else "train"
+    cpu_time = min(CPU_STEP_TIME_MIN, cfg.slurm.time_min)
+    steps = []
+    if cfg.data.inputs:
+        steps.append(PlannedStep("convert", "convert", Request(f"{cfg.name}-convert", cpu_time)))
+    steps.append(PlannedStep("validate", "validate", Request(f"{cfg.name}-validate", cpu_time)))
+    train_gpus = cfg.distributed.gpus_per_node if distributed else gpus
+    steps.append(PlannedStep("train", train_kind, Request(
+        f"{cfg.name}-train", cfg.slurm.time_min, gpus_per_node=train_gpus,
+        nodes=cfg.distributed.nodes if distributed else 1,
+        tasks_per_node=train_gpus if distributed else 1)))
+    if cfg.data.eval_file or cfg.data.split or cfg.data.validation_file:
+        shards = cfg.eval.shards
+        steps.append(PlannedStep("eval", "eval", Request(
+            f"{cfg.name}-eval", cfg.slurm.time_min, gpus_per_node=min(gpus, 1), array_size=shards,
+            array_parallelism=cfg.eval.array_parallelism), shards=shards))
+        steps.append(PlannedStep("report", "report", Request(f"{cfg.name}-report", cpu_time)))
+    if only:
+        found = [s for s in steps if s.kind == only or s.name == only]
+        if not found:
+            kinds = ", ".join(JOBS)
+            raise_unknown = f"no step {only!r} in this run; job kinds: {kinds}"
+            from slurmtune.errors import UsageError
+            raise UsageError(raise_unknown)
+        return found
+    return steps
+
+
+def make_job(step: PlannedStep, run: Run) -> Job:
+    return JOBS[step.kind](run.dir, step.name)
+
+
+def submit_run(run: Run, plan: list[PlannedStep], executor: str, profile: ClusterProfile,
+               dry_run: bool = False, echo: Callable[[str], None] = print) -> Run:
+    """Submit the planned steps of ``run`` (or, with ``dry_run``, only write their scripts)."""
+    jobs = [make_job(step, run) for step in plan]  # each validates its config now, on the login node
+    if executor != "slurm":
+        return _submit_in_one_job(run, plan, jobs, executor, profile, dry_run, echo)
+    after: list[str] = []
+    for step, job in zip(plan, jobs):
+        if dry_run:
+            text = render_script(run.slurm_dir, profile, step.request, after, array=bool(step.shards))
+            path = run.slurm_dir / f"dry-run-{step.name}.sh"
+            path.write_text(text, encoding="utf-8")
+            run.add_step(Step(step.name, step.kind, [], step.shards, list(after), str(path), step.gpus))
+            echo(f"# {step.name}: {path}\n{text}")
+            after = [f"<{step.name}>"]
+            continue
+        items = list(range(step.shards)) if step.shards else None
+        sub = submit("slurm", run.slurm_dir, profile, step.request, job, after=after, items=items)
+        run.add_step(Step(step.name, step.kind, sub.job_ids, step.shards, list(after), sub.script, step.gpus))
+        echo(f"{step.name}: job {', '.join(sub.job_ids)}" + (f" (array of {step.shards})" if step.shards else ""))
+        after = sub.job_ids
+    return run
+
+
+class LocalPipeline:
+    """The steps of a run, one after another, in one process (local and debug executors)."""
+
+    def __init__(self, jobs: list[Job], shards: list[int | None]):
+        self.jobs, self.shards = jobs, shards
+
+    def __call__(self) -> None:
+        for job, shards in zip(self.jobs, self.shards):
+            if shards:
+                for index in range(shards):
+                    job(index)
+            else:
+                job()
+
+    def checkpoint(self, *args, **kwargs):
+        from slurmtune.slurm import resubmission
+        return resubmission(self)
+
+
+def _submit_in_one_job(run, plan, jobs, executor, profile, dry_run, echo) -> Run:
+    pipeline = LocalPipeline(jobs, [s.shards for s in plan])
+    if dry_run:
+        for step in plan:
+            run.add_step(Step(step.name, step.kind, [], step.shards, [], None, step.gpus))
+        echo(f"dry run: {executor} executor would run {', '.join(s.name for s in plan)} in one process")
+        return run
+    request = Request(f"{run.run_id}", sum(s.request.time_min for s in plan),
+                      gpus_per_node=max(s.request.gpus_per_node for s in plan))
+    sub = submit(executor, run.slurm_dir, profile, request, pipeline)
+    for step in plan:
+        run.record.steps.append(Step(step.name, step.kind, sub.job_ids, step.shards, [], None, step.gpus))
+    run.save()
+    run.local_jobs = sub.jobs  # the caller may wait on them
+    echo(f"{executor}: {', '.join(s.name for s in plan)} in process {sub.job_ids[0]}")
+    return run

@@ -1,3 +1,0 @@
-from slurmtune.cli import main
-import sys
-sys.exit(main())
