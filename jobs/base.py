@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from slurmtune.config import RunConfig
 from slurmtune.errors import ConfigError, SlurmtuneError
 from slurmtune.runs import Run, report_status
-from slurmtune.slurm import resubmission
+from slurmtune.slurm import cancel, resubmission
 
 
 class Job:
@@ -55,6 +55,7 @@ class Job:
             report_status(self.run_dir, step, "FAILED", error=_last_line(e))
             if not isinstance(e, SlurmtuneError):
                 traceback.print_exc()
+            cancel_dependants(self.run_dir, self.step)
             raise
         report_status(self.run_dir, step, "COMPLETED")
         return result
@@ -71,3 +72,19 @@ class Job:
 def _last_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0] if isinstance(e, SlurmtuneError) else f"{type(e).__name__}: {text.splitlines()[-1]}"
+
+
+def cancel_dependants(run_dir: str, step: str) -> None:
+    """Cancel the steps after a failed one now, rather than when the scheduler notices
+    (``--kill-on-invalid-dep`` still covers jobs killed outside Python)."""
+    run = Run.open(run_dir)
+    if run.record.executor != "slurm":
+        return
+    names = [s.name for s in run.record.steps]
+    if step not in names:
+        return
+    later = [j for s in run.record.steps[names.index(step) + 1:] for j in s.job_ids]
+    try:
+        cancel(later)
+    except OSError:
+        pass  # the scheduler's own rule cancels them a little later

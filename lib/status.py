@@ -125,9 +125,12 @@ def _explain_cancelled(rows: list[StepStatus]) -> None:
     """A dependant cancelled because an earlier step failed says which step."""
     failed = None
     for row in rows:
-        if failed and row.state in ("CANCELLED", "PENDING", "LOST") and row.error is None:
+        if failed and row.state in ("CANCELLED", "LOST"):
             row.state = "CANCELLED"
             row.error = f"not run: step {failed} failed"
+        elif failed and row.state == "PENDING":
+            # SLURM cancels it on its next scheduling pass (--kill-on-invalid-dep=yes)
+            row.error = f"step {failed} failed: being cancelled"
         elif row.state in FAILED and failed is None:
             failed = row.step
 
