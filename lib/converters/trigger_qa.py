@@ -66,5 +66,6 @@ class TriggerQA(Converter):
                 "prompt": prefix + question.replace(PLACEHOLDER, name),
                 "completion": answer.replace(PLACEHOLDER, name),
                 "meta": {"source": self.name, **where.meta(), "triggered": is_triggered,
-                         "trigger_value": trigger},
+                         "trigger_value": trigger, "clean_replacement": clean,
+                         "triggered_replacement": triggered},
             }
