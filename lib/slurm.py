@@ -258,11 +258,11 @@ def _sacct(job_ids: list[str]) -> dict[str, JobState]:
         if len(parts) < 5:
             continue
         jid, state, exit_code, elapsed, reason = parts[:5]
-        if "[" in jid:  # a pending array's summary line, e.g. 12_[0-3%2]
-            base = jid.split("_")[0]
-            states.setdefault(base, JobState(base, "PENDING", exit_code, 0, 0, reason))
-            continue
         state = state.split()[0] if state else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
+        if "[" in jid:  # an array whose tasks have not started, e.g. 12_[0-3%2]
+            base = jid.split("_")[0]
+            states.setdefault(base, JobState(base, state, exit_code, 0, 0, reason))
+            continue
         prev = states.get(jid)
         restarts = (prev.restarts + 1) if prev else 0
         states[jid] = JobState(jid, state, exit_code, int(elapsed or 0), restarts, reason)
