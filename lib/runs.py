@@ -126,7 +126,8 @@ class Run:
 
     def config(self) -> RunConfig:
         import yaml
-        return from_dict(yaml.safe_load((self.dir / "manifest.yaml").read_text(encoding="utf-8")))
+        from slurmtune.config import SAFE_LOADER
+        return from_dict(yaml.load((self.dir / "manifest.yaml").read_text(encoding="utf-8"), Loader=SAFE_LOADER))
 
     def step(self, name: str) -> Step:
         for s in self.record.steps:

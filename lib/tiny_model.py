@@ -51,7 +51,7 @@ MEDIA_TOKENS = ("<image>", "<video>")
 # Order fixes the ids: <pad>=0, <s>=1, </s>=2, then roles and media placeholders.
 SPECIAL_TOKENS = (PAD, BOS, EOS, *ROLE_TOKENS, *MEDIA_TOKENS)
 
-MAX_POSITIONS = 512
+MAX_POSITIONS = 2048
 
 CHAT_TEMPLATE = """\
 {%- macro render(content) -%}
