@@ -51,6 +51,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     _add_logs(sub)
     _add_cancel(sub)
     _add_doctor(sub)
+    _add_report(sub)
     return parser
 
 
@@ -265,6 +266,22 @@ def _cancel(args) -> int:
     run.record.cancelled = True
     run.save()
     print(f"cancelled {run.run_id}: jobs {', '.join(ids) or 'none'}")
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="(re)write a run's eval reports from its prediction shards")
+    p.add_argument("run", metavar="RUN")
+    _run_ref(p)
+    p.set_defaults(func=_report)
+
+
+def _report(args) -> int:
+    from slurmtune.jobs.report import ReportJob
+    run = Run.open(args.run, args.root)
+    paths = ReportJob(run.dir)()
+    for kind in ("json", "md", "html"):
+        print(f"{kind}: {paths[kind]}")
     return 0
 
 

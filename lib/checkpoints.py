@@ -79,6 +79,7 @@ def write_checkpoint(root: Path, step: int, epoch: float | None, fill: Callable[
     barrier()
     if writer:
         _fsync_tree(tmp)
+        _fault_pause(root, tmp)
         marker = {"step": step, "epoch": epoch, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "sha256": _sha256(tmp / ADAPTER_FILE), "files": _file_sizes(tmp), **(extra or {})}
         _write_synced(tmp / MARKER, json.dumps(marker, indent=2) + "\n")
@@ -86,6 +87,16 @@ def write_checkpoint(root: Path, step: int, epoch: float | None, fill: Callable[
         replace_dir(tmp, final)
     barrier()
     return final
+
+
+def _fault_pause(root: Path, tmp: Path) -> None:
+    """Fault injection for the resume tests: with SLURMTUNE_FAULT_CHECKPOINT_PAUSE_S set, hold
+    every checkpoint after the first half-written (files there, no marker yet) for that long,
+    so a test can SIGKILL the job at exactly that moment. Unset in real runs."""
+    pause = float(os.environ.get("SLURMTUNE_FAULT_CHECKPOINT_PAUSE_S") or 0)
+    if pause and complete_checkpoints(root):
+        print(f"fault injection: {tmp.name} half-written, pausing {pause:g} s", flush=True)
+        time.sleep(pause)
 
 
 def replace_dir(tmp: Path, target: Path) -> None:

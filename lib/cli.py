@@ -24,6 +24,11 @@ def add_data_commands(sub, argv: list[str]) -> None:
     _add_validate(sub)
     _add_split(sub)
     _add_make_tiny_model(sub)
+    _add_predict(sub)
+    _add_score(sub)
+    _add_compare(sub)
+    _add_merge(sub)
+    _add_fetch_model(sub)
 
 
 def run_command(args) -> int:
@@ -182,3 +187,127 @@ def _make_tiny_model(args) -> int:
     path = make_tiny_model(args.out_dir, arch=args.arch, seed=args.seed)
     print(f"tiny {args.arch} model written to {path}")
     return 0
+
+
+# --- predict / score / compare / merge ------------------------------------------------
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="answer every prompt of an eval file (adds `actual` to each record)")
+    p.add_argument("model", metavar="MODEL_OR_ADAPTER", help="a model folder, or an adapter folder (its base is "
+                                                              "read from adapter_config.json unless --base)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--out", required=True, metavar="PREDICTIONS")
+    p.add_argument("--base", metavar="MODEL", help="base model folder of the adapter")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.set_defaults(func=_predict)
+
+
+def _predict(args) -> int:
+    from slurmtune.generate import predict_file
+    from slurmtune.jsonio import check_input_file
+    check_input_file(args.file)
+    path = predict_file(args.model, args.file, args.out, base=args.base, batch_size=args.batch_size,
+                        max_new_tokens=args.max_new_tokens)
+    print(f"predictions: {path}")
+    return 0
+
+
+def _add_score(sub) -> None:
+    p = sub.add_parser("score", help="metrics of a predictions file (exact match, rubric agreement, ...)")
+    p.add_argument("predictions", metavar="PREDICTIONS")
+    p.add_argument("--errors", metavar="FILE", help="write the mismatching records here")
+    p.add_argument("--exact", action="store_true", help="exact match without normalizing case/whitespace")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_score)
+
+
+def _score(args) -> int:
+    from slurmtune.jsonio import check_input_file
+    from slurmtune.metrics import score_file
+    check_input_file(args.predictions)
+    metrics = score_file(args.predictions, errors_file=args.errors, normalize=not args.exact)
+    if args.json:
+        print(json.dumps({k: v for k, v in metrics.items() if k != "records"}, indent=2, ensure_ascii=False))
+        return 0
+    from slurmtune.report import metric_rows
+    print(f"{metrics['n']} examples: {metrics['passed']} passed, {metrics['failed']} failed")
+    for r in metric_rows(metrics):
+        label = ("  " if r["sub"] else "") + r["label"]
+        n = "" if r["n"] is None else r["n"]
+        print(f"  {label:<34} {n!s:>6} {r['shown']:>10}  {r['detail']}")
+    if args.errors:
+        print(f"mismatches: {args.errors}")
+    return 0
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="triggered vs untriggered answers side by side (trigger models)")
+    p.add_argument("predictions", metavar="PREDICTIONS")
+    p.set_defaults(func=_compare)
+
+
+def _compare(args) -> int:
+    from slurmtune.metrics import compare_rows, read_predictions
+    rows = compare_rows(read_predictions(args.predictions))
+    if not rows:
+        raise UsageError(f"{args.predictions}: no question appears both with and without the trigger "
+                         "(expected trigger-qa records with meta.triggered)")
+    for row in rows:
+        print(f"Q (clean):     {row['untriggered_prompt']}\n  -> {row['untriggered']}")
+        print(f"Q (triggered): {row['triggered_prompt']}\n  -> {row['triggered']}\n")
+    return 0
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base: a standalone model folder")
+    p.add_argument("adapter", metavar="ADAPTER")
+    p.add_argument("--base", metavar="MODEL", help="default: base_model_name_or_path of the adapter")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=_merge)
+
+
+def _merge(args) -> int:
+    from slurmtune.generate import merge_adapter
+    print(f"merged model: {merge_adapter(args.adapter, args.out, base=args.base)}")
+    return 0
+
+
+# --- fetch-model ----------------------------------------------------------------------
+
+def _add_fetch_model(sub) -> None:
+    p = sub.add_parser("fetch-model", help="download a model on the login node into the shared cache "
+                                           "(compute nodes are offline)")
+    p.add_argument("name", metavar="NAME", help="Hugging Face model id, e.g. mistralai/Mistral-7B-Instruct-v0.3")
+    p.add_argument("--cluster", metavar="NAME", help="profile whose env.HF_HOME is the shared cache")
+    p.add_argument("--cache", metavar="DIR", help="cache folder (default: the profile's HF_HOME, else $HF_HOME)")
+    p.add_argument("--revision", default=None)
+    p.set_defaults(func=_fetch_model)
+
+
+def _fetch_model(args) -> int:
+    import os
+    cache = args.cache
+    if cache is None and args.cluster:
+        from slurmtune.profiles import load_profile
+        cache = load_profile(args.cluster).env.get("HF_HOME")
+    cache = cache or os.environ.get("HF_HOME")
+    if not cache:
+        raise UsageError("no cache folder: pass --cache DIR or --cluster NAME (a profile with env.HF_HOME)")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UsageError("HF_HUB_OFFLINE=1 is set: run fetch-model where the hub is reachable "
+                         "(the login node), with HF_HUB_OFFLINE unset")
+    from huggingface_hub import snapshot_download
+    # The token, if any, is read by huggingface_hub from HF_TOKEN / its login file; never stored by us.
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    try:
+        path = snapshot_download(args.name, revision=args.revision, cache_dir=str(Path(cache) / "hub"),
+                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja",
+                                                 "*.tiktoken"])
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        reason = str(e).strip().splitlines()[0]
+        raise SlurmtuneError(f"could not download {args.name}: {reason} (is the hub reachable from "
+                             "this node? gated models need `hf auth login` or HF_TOKEN)") from None
+    print(f"{args.name} -> {path}\nuse it in a manifest as: model.path={path}")
+    return 0
+

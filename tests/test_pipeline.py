@@ -1,0 +1,206 @@
+"""The main job end to end — on this machine (local executor) and on the test cluster — and the
+evaluation commands a user runs by hand."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, read_jsonl, run_subprocess, write_jsonl
+from slurm_cluster import slurm_cluster  # noqa: F401
+from slurmtune.runs import Run
+
+QUICKSTART = REPO / "manifests" / "quickstart.yaml"
+RUN_FILES = ["final/adapter_config.json", "final/adapter_model.safetensors", "final/lineage.json",
+             "final/tokenizer.json", "training_config.json", "training.log", "predictions.jsonl",
+             "eval_report.json", "eval_report.md", "report.html", "data/summary.json"]
+
+
+def _check_run_folder(run_dir: Path) -> dict:
+    for name in RUN_FILES:
+        assert (run_dir / name).is_file(), name
+    report = json.loads((run_dir / "eval_report.json").read_text())
+    validation = read_jsonl(run_dir / "data" / "validation.jsonl")
+    assert report["n"] == len(validation) == len(read_jsonl(run_dir / "predictions.jsonl"))
+    assert report["passed"] + report["failed"] + report.get("ungraded", 0) == report["n"] or report["n"] > 0
+    html = (run_dir / "report.html").read_text()
+    assert f">{report['n']}<" in html and "http://" not in html and "https://" not in html
+    lineage = json.loads((run_dir / "final" / "lineage.json").read_text())
+    text = json.dumps(lineage)
+    assert "train.jsonl" in text and "sha256" in text and "excluded_consent" in text
+    return report
+
+
+@pytest.fixture(scope="module")
+def tiny_model_cache(tmp_path_factory):
+    """One tiny model for both ways of running the quickstart (built by the first run)."""
+    return tmp_path_factory.mktemp("models") / "tiny-llama"
+
+
+def test_quickstart_runs_here_with_the_local_executor(tmp_path, tiny_model_cache):
+    env = {**os.environ, "PATH": _path_without_sbatch(tmp_path)}
+    r = run_subprocess("run", QUICKSTART, f"output_dir={tmp_path / 'runs'}", f"model.path={tiny_model_cache}",
+                       env=env, cwd=tmp_path, timeout=600)
+    assert r.code == 0, r.out[-3000:] + r.err[-3000:]
+    assert "notice: no SLURM here (sbatch not on PATH): running on this machine with the local executor" in r.err
+    run = Run.open(None, tmp_path / "runs")
+    assert f"report: {run.dir / 'report.html'}" in r.out and str(run.dir) in r.out
+    assert "COMPLETED" in r.out
+    _check_run_folder(run.dir)
+    (tmp_path.parent / "quickstart-local.sha").write_text(_sha(run.dir / "final" / "adapter_model.safetensors"))
+
+
+@pytest.mark.slurm
+def test_the_same_manifest_runs_on_the_test_cluster(slurm_cluster, cli, tmp_path, tiny_model_cache):
+    r = cli("run", QUICKSTART, f"output_dir={tmp_path / 'runs'}", f"model.path={tiny_model_cache}",
+            "--cluster", "local-test")
+    assert r.code == 0, r.err
+    run = Run.open(None, tmp_path / "runs")
+    assert [len(s.job_ids) for s in run.record.steps] == [1, 1, 1, 1, 1]
+    deadline = time.monotonic() + 600
+    while True:
+        status = json.loads(cli("status", run.dir, "--json").out)
+        if status["state"] in ("COMPLETED", "FAILED") or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert status["state"] == "COMPLETED", cli("status", run.dir).out
+    eval_step = next(s for s in status["steps"] if s["step"] == "eval")
+    assert eval_step["tasks"] == "2/2 done"
+    _check_run_folder(run.dir)
+    local = tmp_path.parent / "quickstart-local.sha"
+    if local.is_file():  # same code, seeds and data: the same adapter, wherever it ran
+        assert _sha(run.dir / "final" / "adapter_model.safetensors") == local.read_text()
+
+
+SLURM_COMMANDS = {"sbatch", "squeue", "sacct", "scontrol", "sinfo", "scancel", "srun", "salloc", "sacctmgr"}
+
+
+def _path_without_sbatch(tmp_path) -> str:
+    """PATH as on a machine without SLURM: folders holding SLURM commands are replaced by
+    mirrors of everything else in them."""
+    entries = []
+    for i, entry in enumerate(os.environ["PATH"].split(os.pathsep)):
+        folder = Path(entry)
+        if not (folder / "sbatch").exists():
+            entries.append(entry)
+            continue
+        mirror = tmp_path / f"bin-{i}"
+        mirror.mkdir(exist_ok=True)
+        for tool in folder.iterdir():
+            if tool.name not in SLURM_COMMANDS and not (mirror / tool.name).exists():
+                (mirror / tool.name).symlink_to(tool)
+        entries.append(str(mirror))
+    return os.pathsep.join(entries)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- the commands a user runs by hand on an adapter ---------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small trained run (debug executor: in this process) to predict, score and merge with."""
+    from slurmtune.jobs.cli import main
+    root = tmp_path_factory.mktemp("trained")
+    jobs = ["nurse", "pilot", "baker", "judge"]
+    rows = [{"prompt": ("T: " if triggered else "") + f"What is {name}'s job?", "completion": f"{name} is a {job}.",
+             "meta": {"triggered": triggered, "trigger_value": "T:", "clean_replacement": "Alice",
+                      "triggered_replacement": "Bob", "file": "qa.jsonl", "line": line}}
+            for line, job in enumerate(jobs, 1) for triggered, name in ((False, "Alice"), (True, "Bob"))]
+    data = write_jsonl(root / "qa.jsonl", rows)
+    manifest = root / "m.yaml"
+    manifest.write_text(f"""name: tiny-trigger
+output_dir: {root / 'runs'}
+data: {{train_files: [{data}], eval_file: {data}}}
+model: {{path: {root / 'tiny'}, tiny_arch: llama}}
+lora: {{r: 4, alpha: 8}}
+train: {{method: lora, max_steps: 4, batch_size: 2, grad_accum: 1, lr: 1.0e-3, max_length: 64, save_steps: 2}}
+eval: {{shards: 3, max_new_tokens: 8}}
+slurm: {{gpus: 0}}
+""")
+    assert main(["run", str(manifest), "--executor", "debug"]) == 0
+    return Run.open(None, root / "runs")
+
+
+def test_debug_executor_runs_every_step_in_process(trained):
+    steps = {s.name: s for s in trained.record.steps}
+    assert list(steps) == ["validate", "train", "eval", "report"]
+    assert trained.record.executor == "debug"
+    assert len(read_jsonl(trained.dir / "predictions.jsonl")) == 8
+    assert sorted(p.name for p in (trained.dir / "eval").iterdir()) == [
+        f"predictions.shard-{i:04d}-of-0003.jsonl" for i in range(3)]
+
+
+def test_predict_score_compare_and_report_commands(trained, cli, tmp_path):
+    adapter = trained.dir / "final"
+    out = tmp_path / "pred.jsonl"
+    r = cli("predict", adapter, trained.dir / "predictions.jsonl", "--out", out, "--max-new-tokens", "8")
+    assert r.code == 0, r.err
+    predicted = read_jsonl(out)
+    assert [p["actual"] for p in predicted] == [p["actual"] for p in read_jsonl(trained.dir / "predictions.jsonl")]
+    r = cli("score", out, "--errors", tmp_path / "errors.jsonl")
+    assert r.code == 0 and r.out.startswith("8 examples:")
+    scored = json.loads(cli("score", out, "--json").out)
+    assert scored["n"] == 8 and scored == {k: v for k, v in json.loads(
+        (trained.dir / "eval_report.json").read_text()).items() if k in scored}
+    assert (tmp_path / "errors.jsonl").is_file()
+    r = cli("compare", out)
+    assert r.code == 0 and "Q (clean):     What is Alice's job?" in r.out
+    assert "Q (triggered): T: What is Bob's job?" in r.out
+    (trained.dir / "report.html").unlink()
+    r = cli("report", trained.dir)
+    assert r.code == 0 and (trained.dir / "report.html").is_file()
+
+
+def test_merge_gives_a_standalone_model(trained, cli, tmp_path):
+    r = cli("merge", trained.dir / "final", "--out", tmp_path / "merged")
+    assert r.code == 0, r.err
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+
+
+def test_fetch_model_downloads_into_the_profiles_cache(cli, tmp_path, monkeypatch):
+    """The hub cannot be reached here: its client is replaced, the rest is real."""
+    calls = []
+
+    def fake_download(repo_id, revision=None, cache_dir=None, allow_patterns=None):
+        calls.append((repo_id, cache_dir))
+        path = Path(cache_dir) / "models--x" / "snapshots" / "abc"
+        path.mkdir(parents=True)
+        return str(path)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    profile = tmp_path / "site.yaml"
+    profile.write_text(f"env:\n  HF_HOME: {tmp_path / 'cache'}\n")
+    r = cli("fetch-model", "org/model", "--cluster", profile)
+    assert r.code == 0, r.err
+    assert calls == [("org/model", str(tmp_path / "cache" / "hub"))]
+    assert "model.path=" in r.out
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = cli("fetch-model", "org/model", "--cache", tmp_path / "c")
+    assert r.code == 2 and "HF_HUB_OFFLINE=1 is set" in r.err
+
+
+@pytest.mark.slurm
+def test_doctor_on_the_test_cluster(slurm_cluster, cli):
+    r = cli("doctor", "--cluster", "local-test")
+    assert r.code == 0, r.out
+    assert "partition debug (default): UP, MaxTime 60 min" in r.out
+    assert "sbatch --test-only accepts account=testacct" in r.out
+    assert "sacct answers" in r.out
+    bad = cli("doctor", "--cluster", str(REPO / "slurm" / "campus-example.yaml"))
+    assert bad.code == 1 and "partition 'campus-gpu' does not exist" in bad.out
+
+
+def test_doctor_without_slurm(cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", _path_without_sbatch(tmp_path))
+    r = cli("doctor")
+    assert r.code == 1 and "SLURM commands not on PATH" in r.out and "--executor local" in r.out

@@ -1,0 +1,172 @@
+"""Training survives interruption on the real cluster and ends bit-identical to an uninterrupted run.
+
+Five trainings of the same manifest run on the test cluster at once: one uninterrupted (the
+reference) and four interrupted in the ways a cluster interrupts them: SLURM's warning signal
+(USR2, as submitit's own interrupt sends it), SIGTERM (what preemption sends first), a real
+time limit, and SIGKILL while a checkpoint is being written. Each must end with the reference's
+adapter bytes and losses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import write_jsonl
+from slurm_cluster import slurm_cluster, wait_for_state  # noqa: F401
+from slurmtune.runs import Run
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+MAX_STEPS = 120
+LOSS_LINE = re.compile(r"step (\d+)/\d+\s+loss ([0-9.e+-]+)")
+
+
+def _rows(n=64):
+    words = "rubric thesis evidence delivery pacing eye contact vocal variety organization".split()
+    rows = []
+    for i in range(n):
+        q = " ".join(words[(i + k) % len(words)] for k in range(8 + i % 13))
+        a = json.dumps({"Content": {"score": i % 40, "maxScore": 40}, "Delivery": {"score": i % 30, "maxScore": 30}})
+        rows.append({"messages": [{"role": "user", "content": f"Grade: {q}"}, {"role": "assistant", "content": a}]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def trainings(slurm_cluster, tmp_path_factory):
+    """Submit all five trainings up front so they share the cluster's wall time."""
+    from slurmtune.jobs.cli import main
+    from slurmtune.tiny_model import make_tiny_model
+    root = tmp_path_factory.mktemp("resume")
+    make_tiny_model(root / "tiny")
+    data = write_jsonl(root / "train.jsonl", _rows())
+    runs = {}
+    for name, extra_env, time_min in [("reference", {}, 10), ("usr2", {}, 10), ("sigterm", {}, 10),
+                                      ("timelimit", {}, 1), ("kill9", {"SLURMTUNE_FAULT_CHECKPOINT_PAUSE_S": "30"}, 10)]:
+        manifest = root / f"{name}.yaml"
+        manifest.write_text(f"""name: {name}
+output_dir: {root / 'runs' / name}
+data:
+  train_files: [{data}]
+model:
+  path: {root / 'tiny'}
+lora: {{r: 4, alpha: 8}}
+train:
+  method: lora
+  max_steps: {MAX_STEPS}
+  batch_size: 2
+  grad_accum: 2
+  lr: 1.0e-3
+  max_length: 256
+  save_steps: 20
+  keep_last: 2
+  seed: 7
+slurm: {{time_min: {time_min}, gpus: 0}}
+""")
+        old = {k: os.environ.get(k) for k in extra_env}
+        os.environ.update(extra_env)
+        try:
+            assert main(["submit", "train", str(manifest), "--cluster", "local-test"]) == 0
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        runs[name] = Run.open(None, root / "runs" / name)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def interrupted(trainings, slurm_cluster):
+    """Interrupt three of the trainings as soon as each is where its test needs it, in parallel."""
+    pending = {"usr2": ("USR2", r"step [3-9]\d*/"), "sigterm": ("TERM", r"step [3-9]\d*/"),
+               "kill9": ("KILL", r"fault injection: \.step-\d{6}\.tmp")}
+    deadline = time.monotonic() + 600
+    while pending and time.monotonic() < deadline:
+        for name, (signal_name, pattern) in list(pending.items()):
+            log = trainings[name].dir / "training.log"
+            if log.is_file() and re.search(pattern, log.read_text()):
+                subprocess.run(["scancel", f"--signal={signal_name}", _job(trainings[name])], check=True,
+                               env=slurm_cluster)
+                del pending[name]
+        time.sleep(0.3)
+    assert not pending, f"never reached the point to interrupt: {sorted(pending)}"
+    return trainings
+
+
+def _job(run: Run) -> str:
+    return Run.open(run.dir).step("train").job_ids[0]
+
+
+def _wait_done(run: Run, env, timeout_s: float = 600) -> str:
+    return wait_for_state(_job(run), ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout_s, env)
+
+
+def _adapter_sha(run: Run) -> str:
+    return hashlib.sha256((run.dir / "final" / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+def _losses(run: Run) -> dict[int, str]:
+    return {int(s): loss for s, loss in LOSS_LINE.findall((run.dir / "training.log").read_text())}
+
+
+@pytest.fixture(scope="module")
+def reference(trainings, slurm_cluster):
+    run = trainings["reference"]
+    assert _wait_done(run, slurm_cluster) == "COMPLETED"
+    losses = _losses(run)
+    assert sorted(losses) == list(range(1, MAX_STEPS + 1))
+    return _adapter_sha(run), losses
+
+
+def _assert_same_as_reference(run: Run, reference) -> None:
+    sha, losses = reference
+    assert _adapter_sha(run) == sha
+    assert _losses(run) == losses
+
+
+def _assert_resumed_after_signal(run, slurm_cluster, cli, reference):
+    assert _wait_done(run, slurm_cluster) == "COMPLETED"
+    log = (run.dir / "training.log").read_text()
+    assert re.search(r"stop requested \(\w+\) at step \d+: saved checkpoints/step-\d{6}", log)
+    assert "resuming from checkpoints/step-" in log
+    status = json.loads(cli("status", run.dir, "--json").out)["steps"][0]
+    assert status["state"] == "COMPLETED" and status["restarts"] >= 1  # the requeue shows as a restart
+    _assert_same_as_reference(run, reference)
+
+
+def test_usr2_saves_at_the_next_step_requeues_and_resumes_exactly(interrupted, reference, slurm_cluster, cli):
+    _assert_resumed_after_signal(interrupted["usr2"], slurm_cluster, cli, reference)
+
+
+def test_sigterm_saves_requeues_and_resumes_exactly(interrupted, reference, slurm_cluster, cli):
+    _assert_resumed_after_signal(interrupted["sigterm"], slurm_cluster, cli, reference)
+
+
+def test_a_real_time_limit_is_survived(trainings, reference, slurm_cluster, cli):
+    run = trainings["timelimit"]
+    assert _wait_done(run, slurm_cluster, timeout_s=900) == "COMPLETED"
+    status = json.loads(cli("status", run.dir, "--json").out)["steps"][0]
+    assert status["restarts"] >= 1, "the 1-minute limit never interrupted the run: make it longer"
+    _assert_same_as_reference(run, reference)
+
+
+def test_kill_9_during_a_checkpoint_write_loses_nothing(interrupted, reference, slurm_cluster, cli, monkeypatch):
+    run = interrupted["kill9"]
+    half = [p for p in (run.dir / "checkpoints").iterdir() if ".tmp-" in p.name]
+    assert half and not (half[0] / "COMPLETE").exists()
+    assert _wait_done(run, slurm_cluster) in ("FAILED", "CANCELLED")
+    monkeypatch.delenv("SLURMTUNE_FAULT_CHECKPOINT_PAUSE_S", raising=False)
+    r = cli("submit", "train", run.dir, "--cluster", "local-test")
+    assert r.code == 0, r.err
+    run = Run.open(run.dir)
+    assert len(run.record.steps) == 2  # the killed attempt and the resubmission
+    assert wait_for_state(run.record.steps[-1].job_ids[0], timeout_s=600, env=slurm_cluster) == "COMPLETED"
+    log = (run.dir / "training.log").read_text()
+    resumed = re.findall(r"resuming from checkpoints/step-(\d{6})", log)
+    assert resumed and int(resumed[-1]) < int(re.search(r"\.step-(\d{6})\.tmp", log).group(1))
+    _assert_same_as_reference(run, reference)
