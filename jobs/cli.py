@@ -52,6 +52,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     _add_cancel(sub)
     _add_doctor(sub)
     _add_report(sub)
+    _add_sweep(sub)
     return parser
 
 
@@ -61,6 +62,7 @@ def _where_flags(p: argparse.ArgumentParser) -> None:
                    help="default: slurm when sbatch is here and a cluster is chosen, else local")
     p.add_argument("--dry-run", action="store_true", help="write and print the sbatch scripts, submit nothing")
     p.add_argument("--detach", action="store_true", help="local executor: return at once, do not wait")
+    p.add_argument("--hold", action="store_true", help="submit held: nothing starts until `scontrol release`")
 
 
 # --- run / submit ---------------------------------------------------------------------
@@ -115,9 +117,10 @@ def _launch(cfg: RunConfig, only: str | None, args, existing: Run | None = None)
     executor, notice = choose_executor(args.executor or cfg.slurm.executor, args.cluster or cfg.slurm.cluster)
     if notice:
         print(notice, file=sys.stderr)
-    profile = load_profile(args.cluster or cfg.slurm.cluster) if (args.cluster or cfg.slurm.cluster) \
-        else ClusterProfile(name="local")
+    profile = _profile(cfg, args)
     plan = plan_run(cfg, only)
+    for step in plan:
+        step.request.hold = args.hold
     _preflight(cfg, plan, profile, executor, only, existing)
     run = existing or Run.create(cfg, executor, profile.name if executor == "slurm" else None, args.dry_run)
     print(f"run {run.run_id}\n  {run.dir}")
@@ -163,6 +166,13 @@ def _wait_local(run: Run) -> int:
             job.result()
         except Exception:  # the failure is reported by status below, with its log
             pass
+    if (run.dir / "sweep.json").is_file():
+        from slurmtune.jobs import sweep
+        data, _ = sweep.load_trials(run.dir)
+        rows = sweep.sweep_status(run)
+        print(sweep.format_sweep_table(run, rows, data["metric"]))
+        print(f"results: {run.dir / 'sweep_results.csv'}")
+        return 0 if all(r["state"] == "COMPLETED" for r in rows) else 1
     rows = run_status(run)
     print(format_table(run, rows))
     report = run.dir / "report.html"
@@ -283,6 +293,92 @@ def _report(args) -> int:
     for kind in ("json", "md", "html"):
         print(f"{kind}: {paths[kind]}")
     return 0
+
+
+SWEEP_ACTIONS = ("status", "resubmit", "results")
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="a sweep as throttled job arrays; also: sweep status|resubmit|results RUN",
+                       description="slurmtune sweep MANIFEST [k=v ...] | sweep status RUN [--json] | "
+                                   "sweep resubmit RUN | sweep results RUN")
+    p.add_argument("target", metavar="MANIFEST|ACTION")
+    p.add_argument("rest", nargs="*", metavar="key.sub=value | RUN")
+    p.add_argument("--json", action="store_true", help="sweep status: print JSON")
+    _where_flags(p)
+    _run_ref(p)
+    p.set_defaults(func=_sweep)
+
+
+def _sweep(args) -> int:
+    from slurmtune.jobs import sweep
+    if args.target not in SWEEP_ACTIONS:
+        return _sweep_submit(args)
+    if len(args.rest) != 1:
+        raise UsageError(f"usage: slurmtune sweep {args.target} RUN")
+    run = Run.open(args.rest[0], args.root)
+    data, _ = sweep.load_trials(run.dir)
+    if args.target == "results":
+        paths = sweep.write_sweep_results(run)
+        for kind in ("csv", "json", "png"):
+            print(f"{kind}: {paths[kind]}")
+        return 0
+    rows = sweep.sweep_status(run)
+    if args.target == "status":
+        print(json.dumps({"run_id": run.run_id, "metric": data["metric"], "trials": rows}, indent=2)
+              if args.json else sweep.format_sweep_table(run, rows, data["metric"]))
+        return 0
+    indices = sweep.to_rerun(rows)
+    if not indices:
+        print("nothing to resubmit: every trial is complete, running or queued")
+        return 0
+    print(f"resubmitting {len(indices)} trial(s): {', '.join(rows[i]['trial'] for i in indices)}")
+    profile = _profile_of(run)
+    sweep.submit_trials(run, indices, run.record.executor, profile, _max_array(run.record.executor, profile),
+                        hold=args.hold)
+    return 0 if run.record.executor == "slurm" else _wait_local(run)
+
+
+def _sweep_submit(args) -> int:
+    from slurmtune.jobs import sweep
+    from slurmtune.slurm import choose_executor
+    cfg = _manifest(args.target, args.rest, args)
+    executor, notice = choose_executor(args.executor or cfg.slurm.executor, args.cluster or cfg.slurm.cluster)
+    if notice:
+        print(notice, file=sys.stderr)
+    profile = _profile(cfg, args)
+    from slurmtune.jobs.pipeline import PlannedStep
+    from slurmtune.slurm import Request
+    trial = PlannedStep("trials", "train", Request("trial", cfg.slurm.time_min, gpus_per_node=cfg.slurm.gpus))
+    _preflight(cfg, [trial], profile, executor, None, None)
+    run, trials = sweep.create_sweep(cfg, Path(args.target).resolve().parent, executor,
+                                     profile.name if executor == "slurm" else None, args.dry_run)
+    print(f"sweep {run.run_id}: {len(trials)} trials\n  {run.dir}")
+    sweep.submit_trials(run, list(range(len(trials))), executor, profile, _max_array(executor, profile),
+                        dry_run=args.dry_run, hold=args.hold)
+    if args.dry_run:
+        print("dry run: nothing was submitted")
+        return 0
+    if executor == "slurm" or args.detach:
+        print(f"follow it with: slurmtune sweep status {run.run_id}")
+        return 0
+    return _wait_local(run)
+
+
+def _profile(cfg: RunConfig, args) -> ClusterProfile:
+    name = getattr(args, "cluster", None) or cfg.slurm.cluster
+    return load_profile(name) if name else ClusterProfile(name="local")
+
+
+def _profile_of(run: Run) -> ClusterProfile:
+    return load_profile(run.record.cluster) if run.record.cluster else ClusterProfile(name="local")
+
+
+def _max_array(executor: str, profile: ClusterProfile) -> int:
+    if executor != "slurm":
+        return 10**9
+    from slurmtune import slurm
+    return profile.max_array_size or slurm.max_array_size()
 
 
 def _add_doctor(sub) -> None:

@@ -107,18 +107,25 @@ def submit_run(run: Run, plan: list[PlannedStep], executor: str, profile: Cluste
 
 
 class LocalPipeline:
-    """The steps of a run, one after another, in one process (local and debug executors)."""
+    """The steps of a run, one after another, in one process (local and debug executors).
+    ``items[i]`` lists the arguments job ``i`` runs with, one call each (its array tasks),
+    or is None for a single call."""
 
-    def __init__(self, jobs: list[Job], shards: list[int | None]):
-        self.jobs, self.shards = jobs, shards
+    def __init__(self, jobs: list[Job], items: list[list | None], keep_going: bool = False):
+        self.jobs, self.items, self.keep_going = jobs, items, keep_going
 
     def __call__(self) -> None:
-        for job, shards in zip(self.jobs, self.shards):
-            if shards:
-                for index in range(shards):
-                    job(index)
-            else:
-                job()
+        failed = 0
+        for job, items in zip(self.jobs, self.items):
+            for args in ([(item,) for item in items] if items is not None else [()]):
+                try:
+                    job(*args)
+                except Exception:
+                    if not self.keep_going:  # a pipeline stops; a sweep's other trials go on
+                        raise
+                    failed += 1
+        if failed:
+            raise RuntimeError(f"{failed} task(s) failed; see `slurmtune status`")
 
     def checkpoint(self, *args, **kwargs):
         from slurmtune.slurm import resubmission
@@ -126,7 +133,7 @@ class LocalPipeline:
 
 
 def _submit_in_one_job(run, plan, jobs, executor, profile, dry_run, echo) -> Run:
-    pipeline = LocalPipeline(jobs, [s.shards for s in plan])
+    pipeline = LocalPipeline(jobs, [list(range(s.shards)) if s.shards else None for s in plan])
     if dry_run:
         for step in plan:
             run.add_step(Step(step.name, step.kind, [], step.shards, [], None, step.gpus))

@@ -129,6 +129,21 @@ class DistributedConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Trials of a sweep (see slurmtune.sweep); each factor given multiplies the others."""
+
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # key -> values: cartesian product
+    paired: dict[str, list[Any]] = field(default_factory=dict)  # key -> values: zipped together
+    random: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> {log_uniform|uniform|int_uniform: [lo, hi]} or {choice: [...]}
+    samples: int = 0  # random draws
+    seed: int = 0  # of the random draws
+    trials: list[dict[str, Any]] = field(default_factory=list)  # explicit override sets
+    parallelism: int = 4  # trials running at once (%K of the array)
+    metric: str = "eval_loss"  # eval_loss, train_loss, pass_rate, or a path in eval_report.json
+    mode: Literal["min", "max"] = "min"
+
+
+@dataclass
 class RunConfig:
     """A whole run: convert -> validate -> train -> eval -> report."""
 
@@ -142,6 +157,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 # --- loading --------------------------------------------------------------------------
@@ -184,6 +200,29 @@ def from_dict(raw: dict, base: Path | None = None) -> RunConfig:
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def apply_values(cfg: RunConfig, values: dict[str, Any], source: str = "overrides",
+                 base: Path | None = None) -> RunConfig:
+    """A copy of ``cfg`` with typed values set by dotted key (``{"train.lr": 2e-4}``), checked
+    like a manifest; relative paths among the values resolve against ``base``."""
+    raw = to_dict(cfg)
+    problems = []
+    for key, value in values.items():
+        target, parts = raw, key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(target.get(part), dict):
+                problems.append(f"{key}: unknown key")
+                break
+            target = target[part]
+        else:
+            if parts[-1] not in target:
+                problems.append(f"{key}: unknown key")
+            else:
+                target[parts[-1]] = value
+    if problems:
+        raise ConfigError(problems, source=source)
+    return build(RunConfig, raw, source, base=base)
 
 
 def to_dict(cfg) -> dict:
@@ -314,6 +353,8 @@ def _check(value: Any, hint) -> tuple[bool, Any]:
             return False, value
         checked = {str(k): _check(v, item) for k, v in value.items()}
         return all(ok for ok, _ in checked.values()), {k: v for k, (_, v) in checked.items()}
+    if hint is Any:
+        return True, value
     if hint is bool:
         return isinstance(value, bool), value
     if hint is int:
@@ -344,6 +385,8 @@ def _type_name(hint) -> str:
         return f"a list of {_type_name(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
     if origin is dict:
         return "a mapping"
+    if hint is Any:
+        return "a value"
     return {bool: "a boolean (true/false)", int: "an integer", float: "a number",
             str: "a string"}.get(hint, str(hint))
 

@@ -83,14 +83,18 @@ class Run:
 
     @classmethod
     def create(cls, cfg: RunConfig, executor: str, cluster: str | None, dry_run: bool = False) -> "Run":
-        root = Path(cfg.output_dir).resolve()
         run_id = f"{safe_name(cfg.name)}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-        directory = root / run_id
+        return cls.create_at(Path(cfg.output_dir).resolve() / run_id, cfg, executor, cluster, dry_run)
+
+    @classmethod
+    def create_at(cls, directory: Path, cfg: RunConfig, executor: str, cluster: str | None,
+                  dry_run: bool = False) -> "Run":
+        """A run folder at ``directory`` (a sweep's trials live in ``<sweep>/trials/<id>/``)."""
         check_safe_path(directory, "run folder")
         for sub in ("slurm", "status"):
             (directory / sub).mkdir(parents=True, exist_ok=True)
         (directory / "manifest.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-        record = RunRecord(run_id, time.strftime("%Y-%m-%dT%H:%M:%S%z"), executor, cluster,
+        record = RunRecord(directory.name, time.strftime("%Y-%m-%dT%H:%M:%S%z"), executor, cluster,
                            socket.gethostname(), dry_run=dry_run)
         run = cls(directory, record)
         run.save()

@@ -55,6 +55,7 @@ class Request:
     array_size: int | None = None
     array_parallelism: int = 4
     partition: str | None = None
+    hold: bool = False  # submit held: nothing starts until `scontrol release`
 
 
 @dataclass
@@ -113,9 +114,14 @@ def _parameters(kind: str, profile: ClusterProfile, req: Request, after: list[st
         if getattr(profile, key):
             extra[key] = getattr(profile, key)
     if after:
-        extra["dependency"] = "afterok:" + ":".join(after)
+        # afterany:ID runs after ID whatever its end; a plain list means afterok.
+        kind, ids = (after[0].split(":", 1)[0], [a.split(":", 1)[1] for a in after]) \
+            if after[0].startswith("afterany:") else ("afterok", after)
+        extra["dependency"] = f"{kind}:" + ":".join(ids)
         # A failed dependency cancels the dependant instead of leaving it PENDING forever.
         extra["kill_on_invalid_dep"] = "yes"
+    if req.hold:
+        extra["hold"] = True
     if extra:
         params["slurm_additional_parameters"] = extra
     return params
