@@ -15,6 +15,7 @@ say what happened even when the scheduler has forgotten the job.
 
 from __future__ import annotations
 
+import signal
 import traceback
 from pathlib import Path
 from typing import Any, ClassVar
@@ -58,6 +59,7 @@ class Job:
             cancel_dependants(self.run_dir, self.step)
             raise
         report_status(self.run_dir, step, "COMPLETED")
+        _ignore_late_signals()
         return result
 
     def step_name(self, *args: Any) -> str:
@@ -67,6 +69,17 @@ class Job:
         """Requeue this same job; it resumes from whatever it saved."""
         report_status(self.run_dir, self.step_name(*args), "REQUEUED")
         return resubmission(self)
+
+
+def _ignore_late_signals() -> None:
+    """The work is done: a warning signal that arrives now (the time limit is near) must not
+    kill the exiting process, which would turn a finished job into a FAILED one and cancel
+    its dependants."""
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread (a debug executor in a thread)
+            pass
 
 
 def _last_line(e: BaseException) -> str:
