@@ -4,13 +4,14 @@
 setup:
 	bash env/setup.sh
 
-# The main job on the embedded default (no SLURM needed): the bundled SpeechGradebook
-# sample converted, validated and split, end to end.
+# The main job on this machine (the local executor; no SLURM needed): the bundled
+# SpeechGradebook sample converted, validated, a tiny model built and LoRA-trained,
+# evaluated as 2 shards, and reported (runs/<run-id>/report.html).
 demo: setup
-	bash env/demo.sh
+	.venv/bin/slurmtune run manifests/quickstart.yaml
 
 test: setup
 	.venv/bin/python -m pytest
 
 clean:
-	rm -rf .venv out runs .cache .pytest_cache .hypothesis
+	rm -rf .venv runs .cache .pytest_cache .hypothesis

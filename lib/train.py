@@ -109,12 +109,16 @@ class TrainOutcome:
 
 def run_training(cfg: RunConfig, run_dir: Path, train_files: list[str], validation_file: str | None,
                  stop: StopRequest | None = None, *, conversion_summary: dict | None = None,
-                 sbatch_script: str | None = None) -> TrainOutcome:
+                 sbatch_script: str | None = None, deepspeed: str | None = None,
+                 callbacks: tuple = ()) -> TrainOutcome:
     """Train (or continue) the adapter of ``run_dir``; 'stopped' means run it again to continue.
     ``conversion_summary`` (default: the convert step's summary.json beside the first training
-    file) and ``sbatch_script`` go into final/lineage.json."""
+    file) and ``sbatch_script`` go into final/lineage.json. ``deepspeed`` (a DeepSpeed JSON file)
+    trains with DeepSpeed in the process group already joined (slurmtune.distributed);
+    ``callbacks`` are extra TrainerCallbacks (e.g. per-rank heartbeats)."""
     recipe = TrainingRecipe(cfg, run_dir, train_files, validation_file, stop,
-                            conversion_summary=conversion_summary, sbatch_script=sbatch_script)
+                            conversion_summary=conversion_summary, sbatch_script=sbatch_script,
+                            deepspeed=deepspeed, callbacks=callbacks)
     try:
         recipe.setup()
         return recipe.train()
@@ -136,7 +140,7 @@ def preflight(cfg: RunConfig, train_files: list[str], n_rows: int = 16) -> dict:
 class TrainingRecipe:
     def __init__(self, cfg: RunConfig, run_dir: Path, train_files: list[str], validation_file: str | None,
                  stop: StopRequest | None = None, conversion_summary: dict | None = None,
-                 sbatch_script: str | None = None):
+                 sbatch_script: str | None = None, deepspeed: str | None = None, callbacks: tuple = ()):
         _validate(cfg, train_files)
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.train_files = [str(Path(p).resolve()) for p in train_files]
@@ -144,6 +148,8 @@ class TrainingRecipe:
         self.stop = stop if stop is not None else StopRequest()
         self.conversion_summary = conversion_summary or _summary_beside(self.train_files[0])
         self.sbatch_script = sbatch_script
+        self.deepspeed = str(deepspeed) if deepspeed else None
+        self.extra_callbacks = list(callbacks)
         self.checkpoint_root = self.run_dir / "checkpoints"
         self.config = resolved_config(cfg, self.train_files, self.validation_file)
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -220,12 +226,16 @@ class TrainingRecipe:
 
         lora = self.cfg.lora
         stop_callback, log_callback = _callbacks(self.stop, self.log)
-        callbacks = [stop_callback, log_callback]
+        callbacks = [stop_callback, log_callback, *self.extra_callbacks]
         if eval_dataset is not None:
             callbacks.insert(0, EarlyStoppingCallback(early_stopping_patience=self.cfg.train.early_stopping_patience))
+        # With DeepSpeed the arguments come first: under ZeRO-3 they make from_pretrained load each
+        # weight straight into its rank's partition instead of a whole copy per process.
+        args = sft_config(self.cfg, self.run_dir, self.device, kind, eval_dataset is not None, self.deepspeed) \
+            if self.deepspeed else None
         trainer = trainer_class()(
             model=load_model(self.cfg, self.device),
-            args=sft_config(self.cfg, self.run_dir, self.device, kind, eval_dataset is not None),
+            args=args or sft_config(self.cfg, self.run_dir, self.device, kind, eval_dataset is not None),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=self.tokenizer,
@@ -381,8 +391,10 @@ def resolved_config(cfg: RunConfig, train_files: list[str], validation_file: str
 
 
 def config_diff(old: dict, new: dict) -> list[str]:
-    """``key: old -> new`` for every trained-relevant key that differs."""
-    a, b = _flatten(old), _flatten(new)
+    """``key: old -> new`` for every trained-relevant key that differs. A key the old config
+    lacks (a field added to the schema since) counts as its default, so upgrading slurmtune
+    does not block a resume."""
+    a, b = _flatten(_with_defaults(old)), _flatten(new)
     lines = []
     for key in sorted(set(a) | set(b)):
         if any(key == k or key.startswith(k + ".") for k in RESUME_IGNORED):
@@ -390,6 +402,18 @@ def config_diff(old: dict, new: dict) -> list[str]:
         if a.get(key, "<missing>") != b.get(key, "<missing>"):
             lines.append(f"{key}: {_show(a.get(key, '<missing>'))} -> {_show(b.get(key, '<missing>'))}")
     return lines
+
+
+def _with_defaults(raw: dict) -> dict:
+    from slurmtune.config import RunConfig, to_dict
+    defaults = to_dict(RunConfig())
+
+    def fill(value, default):
+        if isinstance(value, dict) and isinstance(default, dict):
+            return {**{k: v for k, v in default.items() if k not in value},
+                    **{k: fill(v, default.get(k)) for k, v in value.items()}}
+        return value
+    return fill(raw, defaults) if raw else raw
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -454,11 +478,14 @@ def _quantization(method: str, device: Device):
                               bnb_4bit_compute_dtype=device.dtype)
 
 
-def sft_config(cfg: RunConfig, run_dir: Path, device: Device, kind: str, validation: bool):
+def sft_config(cfg: RunConfig, run_dir: Path, device: Device, kind: str, validation: bool,
+               deepspeed: str | None = None):
     import torch
     from trl import SFTConfig
 
     t = cfg.train
+    # Only multi-process runs pass these: single-process arguments stay exactly as they were.
+    distributed = {"deepspeed": deepspeed, "ddp_timeout": cfg.distributed.timeout_s} if deepspeed else {}
     strategy = "epoch" if t.save_each_epoch else "steps"
     assistant = t.loss_on == "assistant"
     return SFTConfig(
@@ -496,6 +523,7 @@ def sft_config(cfg: RunConfig, run_dir: Path, device: Device, kind: str, validat
         dataloader_num_workers=0,  # one process draws the data order: same order after a resume
         dataloader_pin_memory=device.cuda,
         disable_tqdm=not sys.stdout.isatty(),
+        **distributed,
     )
 
 

@@ -360,3 +360,13 @@ def test_lineage_records_data_config_versions_and_no_environment(baseline, data)
     assert lineage["started_at"] <= lineage["ended_at"] and lineage["hostname"] and lineage["python"]
     assert "hf_never_in_lineage" not in text and "HF_TOKEN=<redacted>" in lineage["sbatch_script"]
     assert os.environ["PATH"] not in text and "HF_HUB_OFFLINE" not in text
+
+
+def test_a_field_added_to_the_schema_does_not_block_resume():
+    from slurmtune.config import RunConfig, to_dict
+    from slurmtune.train import config_diff
+    old, new = to_dict(RunConfig()), to_dict(RunConfig())
+    del old["distributed"]["nodes"]  # a checkpoint written before the field existed
+    assert config_diff(old, new) == []
+    old["lora"]["r"] = 8
+    assert config_diff(old, new) == ["lora.r: 8 -> 16"]
