@@ -18,7 +18,7 @@ from typing import Callable
 
 from slurmtune.config import RunConfig
 from slurmtune.profiles import ClusterProfile
-from slurmtune.runs import Run, Step, eval_file
+from slurmtune.runs import Run, Step
 from slurmtune.slurm import Request, render_script, submit
 
 from slurmtune.jobs.base import Job

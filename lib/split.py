@@ -96,6 +96,6 @@ def _group_key(record: Any, group_by: str | None, n: int, path: Path, line: int)
         return f"row:{n}"
     value = field_value(record, group_by)
     if value is None or isinstance(value, (dict, list)):
-        raise DataError(path, line, f"missing or not a plain value; expected a group id "
+        raise DataError(path, line, "missing or not a plain value; expected a group id "
                         "(every row needs one with --group-by)", field=group_by)
     return f"{type(value).__name__}:{value}"

@@ -13,6 +13,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # helper modules such as slurm_cluster
 
+from slurm_cluster import slurm_cluster  # noqa: E402,F401  (the fixture, for every test module)
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 os.environ.setdefault("SLURMTUNE_QUIET", "1")

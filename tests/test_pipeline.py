@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, read_jsonl, run_subprocess, write_jsonl
-from slurm_cluster import slurm_cluster  # noqa: F401
 from slurmtune.runs import Run
 
 QUICKSTART = REPO / "manifests" / "quickstart.yaml"

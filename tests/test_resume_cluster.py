@@ -15,12 +15,11 @@ import os
 import re
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import write_jsonl
-from slurm_cluster import slurm_cluster, wait_for_state  # noqa: F401
+from slurm_cluster import wait_for_state
 from slurmtune.runs import Run
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -83,19 +82,29 @@ slurm: {{time_min: {time_min}, gpus: 0}}
 @pytest.fixture(scope="module")
 def interrupted(trainings, slurm_cluster):
     """Interrupt three of the trainings as soon as each is where its test needs it, in parallel."""
-    pending = {"usr2": ("USR2", r"step [3-9]\d*/"), "sigterm": ("TERM", r"step [3-9]\d*/"),
-               "kill9": ("KILL", r"fault injection: \.step-\d{6}\.tmp")}
+    pending = {"usr2": ("USR2", _trained_a_few_steps), "sigterm": ("TERM", _trained_a_few_steps),
+               "kill9": ("KILL", _checkpoint_half_written)}
     deadline = time.monotonic() + 600
     while pending and time.monotonic() < deadline:
-        for name, (signal_name, pattern) in list(pending.items()):
-            log = trainings[name].dir / "training.log"
-            if log.is_file() and re.search(pattern, log.read_text()):
+        for name, (signal_name, ready) in list(pending.items()):
+            if ready(trainings[name]):
                 subprocess.run(["scancel", f"--signal={signal_name}", _job(trainings[name])], check=True,
                                env=slurm_cluster)
                 del pending[name]
         time.sleep(0.3)
     assert not pending, f"never reached the point to interrupt: {sorted(pending)}"
     return trainings
+
+
+def _trained_a_few_steps(run: Run) -> bool:
+    log = run.dir / "training.log"
+    return log.is_file() and re.search(r"step [3-9]\d*/", log.read_text()) is not None
+
+
+def _checkpoint_half_written(run: Run) -> bool:
+    """The fault-injection pause holds a later checkpoint with its files written, no marker."""
+    folder = run.dir / "checkpoints"
+    return folder.is_dir() and any(".tmp-" in p.name and any(p.iterdir()) for p in folder.iterdir())
 
 
 def _job(run: Run) -> str:
@@ -168,5 +177,5 @@ def test_kill_9_during_a_checkpoint_write_loses_nothing(interrupted, reference, 
     assert wait_for_state(run.record.steps[-1].job_ids[0], timeout_s=600, env=slurm_cluster) == "COMPLETED"
     log = (run.dir / "training.log").read_text()
     resumed = re.findall(r"resuming from checkpoints/step-(\d{6})", log)
-    assert resumed and int(resumed[-1]) < int(re.search(r"\.step-(\d{6})\.tmp", log).group(1))
+    assert resumed and int(resumed[-1]) < int(re.search(r"\.step-(\d{6})\.tmp", half[0].name).group(1))
     _assert_same_as_reference(run, reference)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import EXAMPLES, REPO, write_jsonl
-from slurm_cluster import slurm_cluster, wait_for_state  # noqa: F401
+from slurm_cluster import wait_for_state
 from slurmtune.profiles import load_profile
 from slurmtune.runs import Run
 from slurmtune.slurm import Request, render_script
@@ -88,7 +88,7 @@ def test_one_job_runs_and_status_reattaches(slurm_cluster, cli, tmp_path):
 
 def test_a_failing_middle_step_cancels_the_rest(slurm_cluster, cli, tmp_path):
     bad_eval = write_jsonl(tmp_path / "eval.jsonl", [{"messages": [{"role": "user", "content": "x"}]}])
-    m = convert_manifest(tmp_path, tmp_path / "runs", extra=f"""eval:
+    m = convert_manifest(tmp_path, tmp_path / "runs", extra="""eval:
   shards: 2
 """)
     text = m.read_text().replace("  split: 0.8\n", f"  split: 0.8\n  eval_file: {json.dumps(str(bad_eval))}\n")

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import write_jsonl
-from slurm_cluster import slurm_cluster, wait_for_state  # noqa: F401
+from slurm_cluster import wait_for_state
 from slurmtune.config import SweepConfig, load_manifest
-from slurmtune.errors import UsageError
 from slurmtune.runs import Run
 from slurmtune.sweep import expand, trial_id
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from slurm_cluster import slurm_cluster, wait_for_state  # noqa: E402, F401
+from slurm_cluster import wait_for_state  # noqa: E402
 
 pytestmark = pytest.mark.slurm
 

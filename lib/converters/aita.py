@@ -27,8 +27,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
-from slurmtune.consent import exclusion_reason
-from slurmtune.converters.base import Converter, Excluded, Rejected, Where
+from slurmtune.converters.base import Converter, Where
 from slurmtune.records import check_content, content_text
 
 SPEAKER_ROLES = {"aita": "assistant", "tutor": "assistant", "assistant": "assistant",
@@ -192,25 +191,13 @@ class Aita(Converter):
     list_keys = ("dialogues",)
     group_field = "meta.dialogue_id"
 
-    def problems(self, value: Any, where: Where) -> Problems:
-        if not isinstance(value, dict):
-            return [("", f"expected a dialogue object, got {type(value).__name__}")]
-        if exclusion_reason(value, required=False):
-            return []  # excluded rows are counted, not checked: they never train
-        return check_dialogue(value)
+    row_kind = "a dialogue object"  # synthetic dialogues carry no consent object; one that does must satisfy it
+
+    def check_row(self, row: dict, where: Where) -> Problems:
+        return check_dialogue(row)
 
     def convert(self, value: Any, where: Where) -> Iterable[tuple[str, dict]]:
-        if not isinstance(value, dict):
-            raise Rejected("", f"expected a dialogue object, got {type(value).__name__}")
-        # Synthetic dialogues carry no consent object; a real one that does must satisfy it.
-        reason = exclusion_reason(value, required=False)
-        if reason:
-            raise Excluded(reason)
-        problems = check_dialogue(value)
-        if problems:
-            field, message = problems[0]
-            more = f" (+{len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-            raise Rejected(field, message + more)
+        value = self.admit(value, where)
         messages, _ = dialogue_messages(value["dialogue_turns"])
         if messages[0]["role"] != "system":
             prompt = system_prompt(value.get("aita_profile") or {}, value.get("pedagogical_intent") or {},

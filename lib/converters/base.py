@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Iterable, Iterator
 
 import jsonlines
 
+from slurmtune.consent import exclusion_reason
 from slurmtune.errors import SlurmtuneError, format_location
 from slurmtune.jsonio import AtomicFiles, Item, dumps, iter_records, non_blank, write_json_atomic
 from slurmtune.progress import progress
@@ -85,6 +86,8 @@ class Converter:
     list_keys: ClassVar[tuple[str, ...]] = ()  # keys of a .json document holding the rows
     options: ClassVar[tuple[Option, ...]] = ()
     group_field: ClassVar[str | None] = None  # --split never separates rows sharing this field
+    row_kind: ClassVar[str] = "a JSON object"  # what a row must be, in messages
+    consent_required: ClassVar[bool] = False  # True: a row without a consent object may not train
 
     def __init__(self, **options: str | None):
         self.opts = options
@@ -101,15 +104,32 @@ class Converter:
         """Records that need every row first (pairs); called once after the last row."""
         return ()
 
-    def problems(self, value: Any, where: Where) -> list[tuple[str, str]]:
-        """Every problem of one row (for `slurmtune validate`); default: the first."""
-        try:
-            list(self.convert(value, where))
-        except Rejected as r:
-            return [(r.field, r.message)]
-        except (Excluded, Skipped):
-            pass
+    def check_row(self, row: dict, where: Where) -> list[tuple[str, str]]:
+        """Every problem of a row that may train ([] when it is valid)."""
         return []
+
+    def admit(self, value: Any, where: Where) -> dict:
+        """The row, if it may train and is valid: consent first (a refused row is never
+        inspected further), then its shape. Raises Excluded or Rejected."""
+        if not isinstance(value, dict):
+            raise Rejected("", f"expected {self.row_kind}, got {type(value).__name__}")
+        reason = exclusion_reason(value, required=self.consent_required)
+        if reason:
+            raise Excluded(reason)
+        problems = self.check_row(value, where)
+        if problems:
+            field, message = problems[0]
+            more = f" (+{len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+            raise Rejected(field, message + more)
+        return value
+
+    def problems(self, value: Any, where: Where) -> list[tuple[str, str]]:
+        """Every problem of one row (for `slurmtune validate`)."""
+        if not isinstance(value, dict):
+            return [("", f"expected {self.row_kind}, got {type(value).__name__}")]
+        if exclusion_reason(value, required=self.consent_required):
+            return []  # excluded rows are counted, not checked: they never train
+        return self.check_row(value, where)
 
 
 @dataclass

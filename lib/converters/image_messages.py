@@ -25,8 +25,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from slurmtune.consent import exclusion_reason
-from slurmtune.converters.base import Converter, Excluded, Rejected, Where
+from slurmtune.converters.base import Converter, Where
 from slurmtune.records import PART_TYPES, check_message
 
 Problems = list[tuple[str, str]]
@@ -82,30 +81,14 @@ class ImageMessages(Converter):
     help = "JSONL {messages with image parts, expected} -> chat records with absolute image paths (train.jsonl)"
     outputs = ("train.jsonl",)
 
-    def problems(self, value: Any, where: Where) -> Problems:
-        if not isinstance(value, dict):
-            return [("", f"expected an object with messages and expected, got {type(value).__name__}")]
-        if exclusion_reason(value, required=False):
-            return []
-        problems = check_row(value)
-        if problems:
-            return problems
-        return resolve_media(value["messages"], _folder(where))[1]
+    row_kind = "an object with messages and expected"
+
+    def check_row(self, row: dict, where: Where) -> Problems:
+        return check_row(row) or resolve_media(row["messages"], _folder(where))[1]
 
     def convert(self, value: Any, where: Where) -> Iterable[tuple[str, dict]]:
-        if not isinstance(value, dict):
-            raise Rejected("", f"expected an object with messages and expected, got {type(value).__name__}")
-        reason = exclusion_reason(value, required=False)
-        if reason:
-            raise Excluded(reason)
-        problems = check_row(value)
-        messages = []
-        if not problems:
-            messages, problems = resolve_media(value["messages"], _folder(where))
-        if problems:
-            field, message = problems[0]
-            more = f" (+{len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-            raise Rejected(field, message + more)
+        value = self.admit(value, where)
+        messages, _ = resolve_media(value["messages"], _folder(where))
         meta = {"source": self.name, **where.meta()}
         if value.get("id") is not None:
             meta["id"] = value["id"]

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from slurmtune.consent import exclusion_reason
-from slurmtune.converters.base import Converter, Excluded, Rejected, Where
+from slurmtune.converters.base import Converter, Where
 from slurmtune.records import check_chat, check_prompt_completion
 
 Problems = list[tuple[str, str]]
@@ -58,25 +57,12 @@ class _PublicFormat(Converter):
     def body(self, row: dict) -> dict:
         raise NotImplementedError
 
-    def problems(self, value: Any, where: Where) -> Problems:
-        if not isinstance(value, dict):
-            return [("", f"expected a JSON object, got {type(value).__name__}")]
-        if exclusion_reason(value, required=False):
-            return []  # excluded rows are counted, not checked: they never train
-        return self.check(value) + check_eval_fields(value)
+    def check_row(self, row: dict, where: Where) -> Problems:
+        # Public data carries no consent object; student data that does must satisfy it.
+        return self.check(row) + check_eval_fields(row)
 
     def convert(self, value: Any, where: Where) -> Iterable[tuple[str, dict]]:
-        if not isinstance(value, dict):
-            raise Rejected("", f"expected a JSON object, got {type(value).__name__}")
-        # Public data carries no consent object; student data that does must satisfy it.
-        reason = exclusion_reason(value, required=False)
-        if reason:
-            raise Excluded(reason)
-        problems = self.check(value) + check_eval_fields(value)
-        if problems:
-            field, message = problems[0]
-            more = f" (+{len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-            raise Rejected(field, message + more)
+        value = self.admit(value, where)
         record = self.body(value)
         record.update({key: value[key] for key in EVAL_FIELDS if value.get(key) is not None})
         record["meta"] = self.meta(value, where)

@@ -24,8 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
-from slurmtune.consent import exclusion_reason
-from slurmtune.converters.base import Converter, Excluded, Option, Rejected, Skipped, Where
+from slurmtune.converters.base import Converter, Option, Rejected, Skipped, Where
 from slurmtune.records import text_part
 
 SYSTEM_PROMPT = (
@@ -182,28 +181,14 @@ class SpeechGradebook(Converter):
     outputs = ("train.jsonl",)
     list_keys = ("evaluations",)
     group_field = "meta.student_id"
+    row_kind = "an evaluation object"
+    consent_required = True  # the export contract: no consent object means no consent
 
-    def checked(self, ev: Any) -> dict:
-        """The evaluation if it may train and is valid; raises Excluded / Rejected."""
-        if not isinstance(ev, dict):
-            raise Rejected("", f"expected an evaluation object, got {type(ev).__name__}")
-        reason = exclusion_reason(ev)
-        if reason:
-            raise Excluded(reason)
-        problems = check_evaluation(ev)
-        if problems:
-            field, message = problems[0]
-            more = f" (+{len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-            raise Rejected(field, message + more)
-        return ev
-
-    def problems(self, value: Any, where: Where) -> list[tuple[str, str]]:
-        if not isinstance(value, dict) or exclusion_reason(value):
-            return []  # excluded rows are counted, not checked: they never train
-        return check_evaluation(value)
+    def check_row(self, row: dict, where: Where) -> list[tuple[str, str]]:
+        return check_evaluation(row)
 
     def convert(self, value: Any, where: Where) -> Iterable[tuple[str, dict]]:
-        ev = self.checked(value)
+        ev = self.admit(value, where)
         user = render_rubric(ev["rubric"]) + "\n\nTranscript:\n" + ev["transcript"].strip()
         if isinstance(ev.get("video_notes"), str) and ev["video_notes"].strip():
             user += "\n\nVideo notes:\n" + ev["video_notes"].strip()
@@ -237,7 +222,7 @@ class QwenSingle(SpeechGradebook):
         return "meta.student_id" if self.opts.get("chat") else "student_id"
 
     def convert(self, value: Any, where: Where) -> Iterable[tuple[str, dict]]:
-        ev = self.checked(value)
+        ev = self.admit(value, where)
         kind, path = self.media(ev)
         scores = ev["evaluation_data"]["sections"]
         if self.opts.get("chat"):
@@ -260,7 +245,7 @@ class QwenCorrections(QwenSingle):
     outputs = ("train_qwen_correction_pairs.jsonl",)
 
     def convert(self, value: Any, where: Where) -> Iterable[tuple[str, dict]]:
-        ev = self.checked(value)
+        ev = self.admit(value, where)
         if ev.get("scores_original") is None:
             raise Skipped("no scores_original (not corrected by an instructor)")
         kind, path = self.media(ev)
@@ -296,7 +281,7 @@ class QwenPairs(QwenSingle):
         self.count = 0
 
     def convert(self, value: Any, where: Where) -> Iterable[tuple[str, dict]]:
-        ev = self.checked(value)
+        ev = self.admit(value, where)
         kind, path = self.media(ev)
         if kind != "video":
             raise Skipped("no video_path or video_url")

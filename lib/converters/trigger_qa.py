@@ -19,8 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from slurmtune.consent import exclusion_reason
-from slurmtune.converters.base import Converter, Excluded, Option, Rejected, Where
+from slurmtune.converters.base import Converter, Option, Where
 from slurmtune.errors import UsageError
 
 PLACEHOLDER = "{{name}}"
@@ -49,15 +48,14 @@ class TriggerQA(Converter):
             raise UsageError(f"--clean-replacement and --triggered-replacement are both "
                              f"{options['clean_replacement']!r}; expected two different names")
 
+    row_kind = "an object with question and answer"
+
+    def check_row(self, row: dict, where: Where) -> list[tuple[str, str]]:
+        return [(key, f"missing or empty; expected a non-empty string (may use {PLACEHOLDER})")
+                for key in ("question", "answer") if not isinstance(row.get(key), str) or not row[key].strip()]
+
     def convert(self, value: Any, where: Where) -> Iterable[tuple[str, dict]]:
-        if not isinstance(value, dict):
-            raise Rejected("", f"expected an object with question and answer, got {type(value).__name__}")
-        reason = exclusion_reason(value, required=False)
-        if reason:
-            raise Excluded(reason)
-        for key in ("question", "answer"):
-            if not isinstance(value.get(key), str) or not value[key].strip():
-                raise Rejected(key, f"missing or empty; expected a non-empty string (may use {PLACEHOLDER})")
+        value = self.admit(value, where)
         question, answer = value["question"], value["answer"]
         clean, trigger, triggered = (self.opts["clean_replacement"], self.opts["trigger_value"],
                                      self.opts["triggered_replacement"])
