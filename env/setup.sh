@@ -26,13 +26,16 @@ if [[ ! -x "$venv/bin/python" ]]; then
     "$python" -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+# This machine's pip configuration names local mirrors that may be absent; pip says so
+# once per package. Keep real warnings, drop that noise.
+quiet() { "$@" 2> >(grep -v "^WARNING: Location '" >&2); }
 
 echo "setup: installing torch==2.13.0 (CPU build) first"
-"${pip[@]}" install -q torch==2.13.0
+quiet "${pip[@]}" install -q torch==2.13.0
 echo "setup: installing pinned dependencies (env/requirements.txt)"
-"${pip[@]}" install -q -r "$root/env/requirements.txt"
+quiet "${pip[@]}" install -q -r "$root/env/requirements.txt"
 echo "setup: installing slurmtune (editable)"
-"${pip[@]}" install -q --no-deps --no-build-isolation -e "$root"
+quiet "${pip[@]}" install -q --no-deps --no-build-isolation -e "$root"
 "${pip[@]}" check
 echo "$want" > "$stamp"
 echo "setup: ready: $venv"

@@ -230,6 +230,7 @@ exec {real} "$@"
 
 def test_status_without_sacct_falls_back_and_reports_lost_jobs(slurm_cluster, cli, tmp_path, monkeypatch):
     r = cli("submit", "convert", convert_manifest(tmp_path, tmp_path / "runs"), "--cluster", "local-test")
+    assert r.code == 0, r.err
     run = newest_run(tmp_path / "runs")
     job_id = run.step("convert").job_ids[0]
     wait_for_state(job_id, timeout_s=90, env=slurm_cluster)
