@@ -254,11 +254,16 @@ class _Spool:
         self.directory, self.converter, self.split = directory, converter, split
         self.files = {name: open(directory / name, "w", encoding="utf-8") for name in converter.outputs}
         self.group_rows: Counter[str] = Counter()
+        # The split group of each spooled record, one per line beside the records, so the
+        # split pass need not decode every record again.
+        self.groups = open(directory / ".groups", "w", encoding="utf-8") if split is not None else None
 
     def add(self, records: list[tuple[str, dict]]) -> None:
         for name, record in records:
-            if self.split is not None and name == self.converter.outputs[0]:
-                self.group_rows[self.group_of(record, len(self.group_rows))] += 1
+            if self.groups is not None and name == self.converter.outputs[0]:
+                group = self.group_of(record, len(self.group_rows))
+                self.group_rows[group] += 1
+                self.groups.write(json.dumps(group) + "\n")
             self.files[name].write(dumps(record) + "\n")
 
     def group_of(self, record: dict, position: int) -> str:
@@ -268,7 +273,7 @@ class _Spool:
         return f"g:{value}" if value is not None else f"row:{position}"
 
     def close(self) -> None:
-        for f in self.files.values():
+        for f in [*self.files.values(), *([self.groups] if self.groups else [])]:
             f.close()
 
     def reopen(self, name: str):
@@ -294,13 +299,9 @@ def _write_split(spool: _Spool, name: str, files: AtomicFiles, summary: Summary,
     val_name = validation_name(name)
     outs = [files.open(name), files.open(val_name)]
     counts = [0, 0]
-    seen: set[str] = set()
-    with spool.reopen(name) as f:
-        for line in f:
-            # Same keys as when spooling: `position` there was the number of groups so far.
-            group = spool.group_of(json.loads(line), len(seen))
-            seen.add(group)
-            index = assignment[group]
+    with spool.reopen(name) as records, spool.reopen(".groups") as groups:
+        for line, group in zip(records, groups):
+            index = assignment[json.loads(group)]
             outs[index].write(line)
             counts[index] += 1
     summary.outputs[name], summary.outputs[val_name] = counts
