@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -29,10 +30,22 @@ from slurmtune.profiles import ClusterProfile, load_profile
 from slurmtune.runs import Run
 
 
+# key.sub=value anywhere after the command (argparse cannot take positionals after options).
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
+TAKES_OVERRIDES = ("config", "run", "submit", "sweep")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = []
+    if argv and argv[0] in TAKES_OVERRIDES:
+        overrides = [a for a in argv[1:] if OVERRIDE.match(a)]
+        argv = [argv[0]] + [a for a in argv[1:] if not OVERRIDE.match(a)]
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    if overrides:
+        name = "rest" if argv[0] == "sweep" else "overrides"
+        setattr(args, name, [*getattr(args, name), *overrides])
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -148,8 +161,27 @@ def _preflight(cfg, plan, profile, executor, only, existing) -> None:
     if only and existing is None and only not in ("convert", "validate") and cfg.data.inputs:
         problems.append(f"{only}: this manifest's data is converted by the pipeline; run the whole "
                         "pipeline (slurmtune run) or submit into an existing run")
+    if not problems and any(s.kind.startswith("train") for s in plan):
+        problems += _trained_tokens(cfg, existing)
     if problems:
         raise ConfigError(problems, source="not submitted")
+
+
+def _trained_tokens(cfg: RunConfig, existing: Run | None) -> list[str]:
+    """Tokenize the first training rows with the model's template, here on the login node:
+    a run that would train on nothing fails now, not after its wait in the queue."""
+    from slurmtune.runs import data_files
+    from slurmtune.train import preflight
+    files, _ = data_files(cfg, existing.dir if existing else ".")
+    if not Path(cfg.model.path).is_dir() or not files or not all(Path(f).is_file() for f in files):
+        return []  # the data comes from the convert step, or the tiny model is built by the job
+    try:
+        report = preflight(cfg, files)
+    except UsageError as e:
+        return [f"train: {e}"]
+    print(f"preflight: {report['trained_tokens']}/{report['tokens']} tokens trained "
+          f"({report['trained_share']:.0%}) in the first {report['rows']} rows", file=sys.stderr)
+    return []
 
 
 def _wait_local(run: Run) -> int:
