@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from slurmtune.checkpoints import (
-    CONFIG_FILE, SAMPLER_FILE, find_resume_checkpoint, read_json, read_marker,
+    ADAPTER_FILE, CONFIG_FILE, SAMPLER_FILE, find_resume_checkpoint, layout_problem, read_json, read_marker,
     replace_dir, trainer_class, training_done,
 )
 from slurmtune.config import RunConfig, to_dict
@@ -59,7 +59,8 @@ from slurmtune.train_data import (
 
 FINAL_FILES_REMOVED = ("training_args.bin", "README.md")  # a pickle and an empty model card
 # Keys that may change between attempts of one run without changing what is trained.
-RESUME_IGNORED = ("slurm", "eval", "description", "output_dir", "train.resume")
+RESUME_IGNORED = ("slurm", "eval", "description", "output_dir", "train.resume",
+                  "distributed.timeout_s", "distributed.global_batch_size")
 # The adapter's tensor shapes: a checkpoint cannot be loaded into an adapter built otherwise.
 ADAPTER_SHAPE_KEYS = ("lora.r", "lora.target_modules")
 
@@ -155,6 +156,7 @@ class TrainingRecipe:
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.resume_from: Path | None = None
         self.forced_diff: list[str] = []  # config changes accepted by train.resume=force
+        self.final_source: Path | None = None  # DeepSpeed: the checkpoint whose adapter final/ copies
         self.trainer = None
         self.log: TrainingLog | None = None
         self._undo: list[Callable[[], None]] = []
@@ -207,8 +209,30 @@ class TrainingRecipe:
             raise UsageError(f"train.resume=force cannot continue {newest}: the adapter's shape changed "
                              f"({'; '.join(shape)}) and its weights would not fit; fix: restore the old values, "
                              "or use a new run folder")
+        self._check_layout(newest)
         self.forced_diff = diff
         return newest
+
+    def _check_layout(self, checkpoint: Path) -> None:
+        """A multi-process checkpoint continues only in the same number of processes (and format)."""
+        marker = read_marker(checkpoint) or {}
+        world, fmt = self._layout()
+        problem = layout_problem(marker, world, fmt)
+        if problem:
+            saved = marker.get("world_size", 1)
+            raise UsageError(f"cannot continue {checkpoint}: {problem}; fix: run it again with "
+                             f"distributed.nodes x distributed.gpus_per_node = {saved}"
+                             + (f" and a ZeRO-{marker['format'][-1]} DeepSpeed file"
+                                if str(marker.get("format", "")).startswith("deepspeed") else " without DeepSpeed")
+                             + ", or use a new run folder")
+
+    def _layout(self) -> tuple[int, str]:
+        """(processes, checkpoint format) of this run, before the trainer exists."""
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if not self.deepspeed:
+            return world, "torch"
+        config = json.loads(Path(self.deepspeed).read_text(encoding="utf-8"))
+        return world, f"deepspeed-zero{(config.get('zero_optimization') or {}).get('stage', 0)}"
 
     def _validation_dataset(self, kind: str):
         if not self.validation_file:
@@ -258,9 +282,12 @@ class TrainingRecipe:
             self._log_resume(resume, marker)
         if trainer.args.world_size > 1 and _any_rank(self.stop.requested, trainer.args.device):
             self.stop.set(self.stop.reason or "stop requested on another rank")
-        if self.stop.requested:  # the signal came while loading: nothing new to save
-            self.log.line(f"stop requested ({self.stop.reason}) before training started")
-            return TrainOutcome("stopped", marker["step"] if marker else 0, None, resume)
+        if self.stop.requested:
+            # The signal came while loading (a short attempt on a busy node). Stopping now would
+            # requeue with no progress, possibly forever; one optimizer step and its checkpoint
+            # fit in the signal's lead time, so every attempt moves the run forward.
+            self.log.line(f"stop requested ({self.stop.reason}) before training started: "
+                          "training one step to save progress")
         if marker and self._finished(marker):
             self._load_finished(resume)
             done = True
@@ -283,6 +310,7 @@ class TrainingRecipe:
             self.log.line(f"train.resume=force: config changed since the checkpoint: {line}")
         sampler = read_json(resume, SAMPLER_FILE) if (resume / SAMPLER_FILE).is_file() else {}
         batches = -(-len(self.trainer.train_dataset) // self.cfg.train.batch_size)
+        batches = -(-batches // self.trainer.args.world_size)  # each process draws every N-th batch
         if sampler.get("batches_per_epoch") not in (None, batches):
             self.log.line(f"warning: {batches} batches per epoch now, {sampler['batches_per_epoch']} at the "
                           "checkpoint: the data changed, so the data order does not continue exactly")
@@ -301,6 +329,15 @@ class TrainingRecipe:
         from transformers import TrainerState
 
         trainer = self.trainer
+        if self.deepspeed:
+            # No DeepSpeed engine exists before train() (under ZeRO-3 the weights are split across
+            # ranks); the adapter files of the last (or best) checkpoint are exactly what
+            # save_model would write now, so final/ copies them.
+            trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+            best = trainer.state.best_model_checkpoint
+            load_best = trainer.args.load_best_model_at_end and best and Path(best).is_dir()
+            self.final_source = Path(best) if load_best else checkpoint
+            return
         trainer._load_from_checkpoint(str(checkpoint))
         trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
         best = trainer.state.best_model_checkpoint
@@ -318,7 +355,14 @@ class TrainingRecipe:
             for stale in self.run_dir.glob(".final.*"):  # left by an attempt killed while saving
                 shutil.rmtree(stale, ignore_errors=True)
         trainer.accelerator.wait_for_everyone()
-        trainer.save_model(str(tmp))
+        if self.final_source is not None:
+            if trainer.args.should_save:
+                tmp.mkdir(parents=True)
+                for name in (ADAPTER_FILE, "adapter_config.json"):
+                    shutil.copy2(self.final_source / name, tmp / name)
+                self.tokenizer.save_pretrained(str(tmp))  # what save_model adds beside the adapter
+        else:
+            trainer.save_model(str(tmp))  # every rank: under ZeRO-3 the adapter is gathered from all
         if trainer.args.should_save:
             for name in FINAL_FILES_REMOVED:
                 (tmp / name).unlink(missing_ok=True)
