@@ -97,7 +97,7 @@ def test_a_failing_middle_step_cancels_the_rest(slurm_cluster, cli, tmp_path):
     assert r.code == 0, r.err
     run = newest_run(tmp_path / "runs")
     assert [s.name for s in run.record.steps] == ["convert", "validate", "train", "eval", "report"]
-    status = wait_run(cli, run, timeout_s=150, done=("FAILED",))
+    status = wait_run(cli, run, timeout_s=400, done=("FAILED",))
     states = {s["step"]: s for s in status["steps"]}
     deadline = time.monotonic() + 60
     while any(states[n]["state"] == "PENDING" for n in ("train", "eval", "report")) and time.monotonic() < deadline:
