@@ -56,11 +56,12 @@ def plan_run(cfg: RunConfig, only: str | None = None) -> list[PlannedStep]:
     if cfg.data.inputs:
         steps.append(PlannedStep("convert", "convert", Request(f"{cfg.name}-convert", cpu_time)))
     steps.append(PlannedStep("validate", "validate", Request(f"{cfg.name}-validate", cpu_time)))
-    train_gpus = cfg.distributed.gpus_per_node if distributed else gpus
+    # Distributed: one task per GPU; with distributed.device=cpu they are CPU processes, no GPU asked.
+    tasks = cfg.distributed.gpus_per_node if distributed else 1
+    train_gpus = (0 if cfg.distributed.device == "cpu" else tasks) if distributed else gpus
     steps.append(PlannedStep("train", train_kind, Request(
         f"{cfg.name}-train", cfg.slurm.time_min, gpus_per_node=train_gpus,
-        nodes=cfg.distributed.nodes if distributed else 1,
-        tasks_per_node=train_gpus if distributed else 1)))
+        nodes=cfg.distributed.nodes if distributed else 1, tasks_per_node=tasks)))
     if cfg.data.eval_file or cfg.data.split or cfg.data.validation_file:
         shards = cfg.eval.shards
         steps.append(PlannedStep("eval", "eval", Request(
@@ -139,8 +140,11 @@ def _submit_in_one_job(run, plan, jobs, executor, profile, dry_run, echo) -> Run
             run.add_step(Step(step.name, step.kind, [], step.shards, [], None, step.gpus))
         echo(f"dry run: {executor} executor would run {', '.join(s.name for s in plan)} in one process")
         return run
+    # A lone multi-process train step gets all its processes here (the local executor runs N tasks);
+    # in a whole pipeline the other steps must not run N times, so it stays one process.
+    tasks = plan[0].request.nodes * plan[0].request.tasks_per_node if len(plan) == 1 else 1
     request = Request(f"{run.run_id}", sum(s.request.time_min for s in plan),
-                      gpus_per_node=max(s.request.gpus_per_node for s in plan))
+                      gpus_per_node=max(s.request.gpus_per_node for s in plan), tasks_per_node=tasks)
     sub = submit(executor, run.slurm_dir, profile, request, pipeline)
     for step in plan:
         run.record.steps.append(Step(step.name, step.kind, sub.job_ids, step.shards, [], None, step.gpus))

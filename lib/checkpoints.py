@@ -27,6 +27,14 @@ python/numpy/torch RNG states of every process, ``trainer_state.json`` (log
 history, best metric, early-stopping counter), ``sampler_state.json`` (where in
 which epoch the data order stands) and ``training_config.json`` (the resolved
 run config, compared before resuming).
+
+Several processes (DeepSpeed ZeRO) write one checkpoint together: each rank
+fills the same tmp folder with its own shard (``global_stepN/zero_pp_rank_R_*``,
+``rng_state_R.pth``), and rank 0 seals it only once every rank's files are
+there. The marker then also records the layout (``world_size``, ``format``
+such as ``deepspeed-zero3``); a checkpoint whose listed files lack a rank's
+shard never counts, and :func:`layout_problem` says why a run with another
+layout cannot continue from it.
 """
 
 from __future__ import annotations
@@ -63,10 +71,12 @@ def step_of(path: Path) -> int | None:
 
 def write_checkpoint(root: Path, step: int, epoch: float | None, fill: Callable[[Path], None],
                      extra: dict | None = None, token: int | None = None, writer: bool = True,
-                     barrier: Callable[[], None] = lambda: None) -> Path:
+                     barrier: Callable[[], None] = lambda: None,
+                     missing: Callable[[Path], list[str]] | None = None) -> Path:
     """Build ``root/step-NNNNNN`` atomically: ``fill(tmp)`` writes the files, then fsync,
     marker last, rename. In a multi-process run every rank calls this with rank 0's
-    ``token`` (the tmp folder's suffix) and only the ``writer`` rank seals it."""
+    ``token`` (the tmp folder's suffix) and only the ``writer`` rank seals it, after
+    ``missing(tmp)`` (the files some rank should have written) came back empty."""
     root = Path(root)
     final = root / step_dir_name(step)
     tmp = root / f".{final.name}.tmp-{token if token is not None else os.getpid()}"
@@ -78,6 +88,9 @@ def write_checkpoint(root: Path, step: int, epoch: float | None, fill: Callable[
     fill(tmp)
     barrier()
     if writer:
+        absent = missing(tmp) if missing else []
+        if absent:  # never seal a checkpoint some rank did not finish: resuming from it would fail
+            raise RuntimeError(f"checkpoint {final.name} left unsealed: missing {', '.join(absent)}")
         _fsync_tree(tmp)
         _fault_pause(root, tmp)
         marker = {"step": step, "epoch": epoch, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -175,7 +188,57 @@ def read_marker(folder: Path) -> dict | None:
         return None
     if marker.get("sha256") is None or _sha256(folder / ADAPTER_FILE) != marker["sha256"]:
         return None
+    if "world_size" in marker and missing_rank_files(files, marker):
+        return None  # sealed without some rank's shard: not a checkpoint anyone can resume from
     return marker
+
+
+# --- multi-process layouts -------------------------------------------------------------
+
+def missing_rank_files(names, layout: dict) -> list[str]:
+    """The per-rank files of ``layout`` ({world_size, format}) absent from ``names`` (paths
+    relative to the checkpoint). DeepSpeed writes its shards under ``global_stepN/``; the
+    ``mp_rank_00`` in their names assumes no tensor parallelism, which slurmtune never uses."""
+    names, world, fmt = set(names), int(layout.get("world_size", 1)), layout.get("format", "torch")
+    expected = [f"rng_state_{r}.pth" for r in range(world)] if world > 1 else []
+    if fmt.startswith("deepspeed"):
+        tags = sorted({n.split("/")[0] for n in names if n.startswith("global_step") and "/" in n})
+        if len(tags) != 1:
+            return expected + ["global_stepN/ (DeepSpeed's shards)"]
+        shards = ("optim_states", "model_states") if fmt == "deepspeed-zero3" else ("optim_states",)
+        expected += [f"{tags[0]}/zero_pp_rank_{r}_mp_rank_00_{kind}.pt" for r in range(world) for kind in shards]
+        expected += ["latest"] + ([f"{tags[0]}/mp_rank_00_model_states.pt"] if fmt != "deepspeed-zero3" else [])
+    return [name for name in expected if name not in names]
+
+
+def layout_problem(marker: dict, world_size: int, fmt: str) -> str | None:
+    """Why a run of ``world_size`` processes saving ``fmt`` cannot continue from ``marker``'s
+    checkpoint, or None. No format here allows a change: ZeRO splits the optimizer state into
+    one shard per rank and DeepSpeed loads those only into as many ranks with the same stage
+    (re-splitting needs an offline conversion to a universal checkpoint, which slurmtune does not
+    do); a single-process checkpoint holds one optimizer.pt that DeepSpeed cannot load."""
+    saved = (int(marker.get("world_size", 1)), marker.get("format", "torch"))
+    if saved == (world_size, fmt):
+        return None
+    return (f"it was saved by {_layout_name(*saved)} and this run has {_layout_name(world_size, fmt)}; "
+            "the optimizer state is stored per process (one shard per rank with ZeRO) and loads only into "
+            "the same number of processes with the same format")
+
+
+def _layout_name(world_size: int, fmt: str) -> str:
+    kind = {"torch": "plain PyTorch", "deepspeed-zero2": "DeepSpeed ZeRO-2",
+            "deepspeed-zero3": "DeepSpeed ZeRO-3"}.get(fmt, fmt)
+    return f"{world_size} process{'es' if world_size != 1 else ''} ({kind})"
+
+
+def trainer_layout(trainer) -> dict:
+    """{world_size, format} of a multi-process or DeepSpeed trainer; {} for one plain process,
+    whose markers keep their original fields."""
+    if not trainer.is_deepspeed_enabled and trainer.args.world_size <= 1:
+        return {}
+    fmt = f"deepspeed-zero{trainer.accelerator.state.deepspeed_plugin.zero_stage}" \
+        if trainer.is_deepspeed_enabled else "torch"
+    return {"world_size": trainer.args.world_size, "format": fmt}
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -274,9 +337,11 @@ def save_trainer_checkpoint(trainer) -> Path:
             _write_json(tmp / CONFIG_FILE, trainer.run_config)
             _write_json(tmp / SAMPLER_FILE, sampler_position(trainer))
 
-    path = write_checkpoint(root, step, state.epoch, fill, extra={"done": training_done(trainer)},
+    layout = trainer_layout(trainer)
+    path = write_checkpoint(root, step, state.epoch, fill, extra={"done": training_done(trainer), **layout},
                             token=trainer.tmp_token, writer=args.should_save,
-                            barrier=trainer.accelerator.wait_for_everyone)
+                            barrier=trainer.accelerator.wait_for_everyone,
+                            missing=(lambda tmp: missing_rank_files(_file_sizes(tmp), layout)) if layout else None)
     if args.should_save:
         prune(root, trainer.keep_last, protect=(best,))
     return path

@@ -126,6 +126,15 @@ class DistributedConfig:
     nodes: int = 1
     gpus_per_node: int = 1
     deepspeed: str | None = _path(doc="DeepSpeed config in manifests/deepspeed/")
+    # Samples per optimizer step over all processes; when set, batch_size x grad_accum x
+    # nodes x gpus_per_node must equal it (checked on the login node, which says the fix).
+    global_batch_size: int | None = None
+    # Seconds a rendezvous or a collective may wait for the other ranks before the job
+    # fails: a dead or hung rank ends the job within about this, not at its time limit.
+    timeout_s: int = 300
+    # gpu: one task per GPU (--gres), NCCL. cpu: gpus_per_node counts CPU processes per
+    # node, no GPU is asked for or used, gloo (tests, CPU-only clusters).
+    device: Literal["gpu", "cpu"] = "gpu"
 
 
 @dataclass

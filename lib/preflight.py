@@ -86,6 +86,15 @@ def check_gpus(cfg: RunConfig, steps: list[StepNeeds]) -> list[str]:
     return problems
 
 
+def check_distributed(cfg: RunConfig, steps: list[StepNeeds]) -> list[str]:
+    """A multi-process train step: its DeepSpeed file, ZeRO stage vs method, and the global batch
+    arithmetic (micro batch x grad accum x processes vs distributed.global_batch_size)."""
+    if not any(step.kind == "train_deepspeed" for step in steps):
+        return []
+    from slurmtune.distributed import check_distributed as problems
+    return problems(cfg, qlora=False)  # check_gpus already refuses QLoRA with several GPUs
+
+
 def check_cluster(steps: list[StepNeeds], facts: ClusterFacts) -> list[str]:
     problems = []
     default = next((p for p in facts.partitions.values() if p.default), None)

@@ -101,6 +101,9 @@ def _parameters(kind: str, profile: ClusterProfile, req: Request, after: list[st
         "slurm_array_parallelism": req.array_parallelism,
         "slurm_setup": _setup_lines(profile),
     }
+    if req.nodes * req.tasks_per_node > 1:
+        # One task failing ends the step: its peers would otherwise wait in a collective.
+        params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
     # --gres is the common way to ask for GPUs; submitit itself only knows --gpus-per-node.
     if gpus and (kind != "slurm" or profile.gpu_request == "gpus-per-node"):
         params["gpus_per_node"] = gpus
