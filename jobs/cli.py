@@ -148,12 +148,13 @@ def _launch(cfg: RunConfig, only: str | None, args, existing: Run | None = None)
 
 
 def _preflight(cfg, plan, profile, executor, only, existing) -> None:
-    from slurmtune.preflight import ClusterFacts, StepNeeds, check_cluster, check_gpus, check_paths
+    from slurmtune.preflight import (ClusterFacts, StepNeeds, check_cluster, check_distributed, check_gpus,
+                                     check_paths)
     needs = [StepNeeds(s.name, s.kind, s.request.gpus_per_node, s.request.nodes, s.request.time_min,
                        s.request.partition or (profile.partition if s.request.gpus_per_node
                                                else profile.cpu_partition or profile.partition),
                        s.shards) for s in plan]
-    problems = check_paths(cfg, profile) + check_gpus(cfg, needs)
+    problems = check_paths(cfg, profile) + check_gpus(cfg, needs) + check_distributed(cfg, needs)
     if executor == "slurm":
         from slurmtune import slurm
         facts = ClusterFacts(slurm.partitions(), profile.max_array_size or slurm.max_array_size())
