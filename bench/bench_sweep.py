@@ -1,0 +1,430 @@
+"""Submit a 1000-trial sweep with ``slurmtune sweep`` against one raw ``sbatch`` per trial.
+
+::
+
+    eval "$(env/test-cluster/start.sh | tail -n 1)"   # a SLURM cluster, SLURM_CONF exported
+    python bench/bench_sweep.py                        # 1000 trials, 2 repeats (~8 min)
+    python bench/bench_sweep.py --trials 200 --repeat 5 --split-repeat 5
+    python bench/bench_sweep.py --keep /tmp/bench-sweep   # keep the sweep folders and the sbatch log
+
+A trivial sweep: a manifest with an 8-row chat training file, the tiny model (not even built:
+nothing runs), ``train.max_steps: 1`` and a grid of ``--trials`` points over ``train.seed``
+(0 .. N-1). Three ways to submit it, interleaved in every repeat so load from other users
+of the machine falls on all alike; median and min of ``--repeat`` (the in-process, timed
+submission only in the first ``--split-repeat`` repeats: it is there for the split, and a
+1000-trial sweep takes minutes):
+
+1. fresh: ``slurmtune sweep MANIFEST --cluster local-test --hold`` as a user runs it (a new
+   process: start-up, imports, one run folder per trial, the array, the results job);
+2. in-process: the same command through ``slurmtune.jobs.cli.main`` in a fresh child process
+   after its imports, with timers around the phases (preflight scheduler queries, expanding
+   and checking the trials, writing the trial folders, submitit's per-task pickles, sbatch),
+   to show where the time goes;
+3. raw: a bash loop of N ``sbatch --hold --parsable --wrap true`` (the real sbatch, one job per
+   trial), the way a sweep is submitted without arrays.
+
+An ``sbatch`` wrapper first on PATH logs every call slurmtune makes (and adds ``--hold`` as a
+second safety); the raw loop calls the real sbatch by its path, so the wrapper's own start-up
+(~1 ms) is not added N times, and its calls are counted from the job ids it prints. Outside
+the timing every job is checked to be pending and held (priority 0), then cancelled:
+``slurmtune cancel RUN`` for the sweeps, ``scancel`` for the raw jobs; at the end no job of this
+bench may be left in squeue.
+
+Exit 1 when slurmtune made more than one array submission for <= MaxArraySize trials (or
+more sbatch calls than arrays + the results job), when a job was not held, or when a job of
+this bench is left in the queue; exit 2 when no SLURM cluster answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+METHODS = ("fresh", "in-process", "raw")
+PHASES = ("preflight queries", "expand + check trials", "trial configs (apply_values)",
+          "trial folders (Run.create_at)", "task pickles + rest of submit", "sbatch (2 calls)", "other")
+
+
+# --- the sweep ---------------------------------------------------------------------------
+
+def write_sweep(work: Path, trials: int, name: str) -> Path:
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}: what is a rubric?"},
+                          {"role": "assistant", "content": f"Answer {i}: a list of criteria."}]} for i in range(8)]
+    (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    manifest = work / "sweep.yaml"
+    manifest.write_text(f"""name: {name}
+output_dir: {json.dumps(str(work / 'runs'))}
+data: {{train_files: [train.jsonl]}}
+model: {{path: {json.dumps(str(work / 'tiny-model'))}, tiny_arch: llama}}
+lora: {{r: 4, alpha: 8}}
+train: {{method: lora, max_steps: 1, batch_size: 2, grad_accum: 1, max_length: 64, save_steps: 1}}
+slurm: {{gpus: 0, time_min: 10}}
+sweep:
+  grid: {{train.seed: {json.dumps(list(range(trials)))}}}
+  parallelism: 4
+""", encoding="utf-8")
+    return manifest
+
+
+class SbatchLog:
+    """An ``sbatch`` first on PATH that logs its arguments and execs the real one with --hold."""
+
+    def __init__(self, work: Path):
+        self.real = shutil.which("sbatch")
+        self.path = work / "sbatch-calls.log"
+        bin_dir = work / "bin"
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        wrapper = bin_dir / "sbatch"
+        wrapper.write_text(f'#!/bin/sh\necho "$*" >> {shlex.quote(str(self.path))}\n'
+                           f'exec {shlex.quote(self.real)} --hold "$@"\n', encoding="utf-8")
+        wrapper.chmod(0o755)
+        os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+
+    def reset(self) -> None:
+        self.path.write_text("", encoding="utf-8")
+
+    def calls(self) -> list[str]:
+        return self.path.read_text(encoding="utf-8").splitlines()
+
+
+# --- child: the CLI in-process, with timers --------------------------------------------------
+
+class Timers:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._depth: dict[str, int] = {}
+
+    def wrap(self, owner, attr: str, label: str, classmethod_: bool = False) -> None:
+        original = getattr(owner, attr)
+        func = original.__func__ if classmethod_ else original
+
+        @functools.wraps(func)
+        def timed(*args, **kwargs):
+            if self._depth.get(label):  # nested call of the same phase: counted once, by the outer one
+                return func(*args, **kwargs)
+            self._depth[label] = 1
+            start = time.perf_counter()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self._depth[label] = 0
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
+                self.calls[label] = self.calls.get(label, 0) + 1
+
+        setattr(owner, attr, classmethod(timed) if classmethod_ else timed)
+
+
+def child_in_process(argv: list[str]) -> dict:
+    import submitit.core.utils
+    import slurmtune.jobs.sweep as jobs_sweep
+    import slurmtune.slurm
+    import slurmtune.sweep
+    from slurmtune.jobs.cli import main
+    from slurmtune.runs import Run
+    import slurmtune.jobs.pipeline  # noqa: F401  (imported lazily by the CLI)
+    import slurmtune.preflight  # noqa: F401
+
+    timers = Timers()
+    timers.wrap(slurmtune.slurm, "_run", "preflight queries")
+    timers.wrap(jobs_sweep, "create_sweep", "create_sweep")
+    timers.wrap(jobs_sweep, "expand", "expand + check trials")
+    timers.wrap(jobs_sweep, "apply_values", "trial configs (apply_values)")
+    timers.wrap(Run, "create_at", "trial folders (Run.create_at)", classmethod_=True)
+    timers.wrap(jobs_sweep, "submit_trials", "submit_trials")
+    timers.wrap(submitit.core.utils.CommandFunction, "__call__", "sbatch")
+    printed = io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(printed):
+        rc = main(argv)
+    total = time.perf_counter() - start
+    if rc != 0:
+        raise SystemExit(f"slurmtune {shlex.join(argv)} returned {rc}:\n{printed.getvalue()}")
+    s = timers.seconds
+    phases = {
+        "preflight queries": s.get("preflight queries", 0.0),
+        "expand + check trials": s.get("expand + check trials", 0.0),
+        "trial configs (apply_values)": s.get("trial configs (apply_values)", 0.0),
+        "trial folders (Run.create_at)": s.get("trial folders (Run.create_at)", 0.0),
+        "task pickles + rest of submit": s.get("submit_trials", 0.0) - s.get("sbatch", 0.0),
+        "sbatch (2 calls)": s.get("sbatch", 0.0),
+    }
+    phases["other"] = total - sum(phases.values())
+    return {"seconds": total, "phases": phases, "stdout": printed.getvalue(),
+            "sbatch_calls": timers.calls.get("sbatch", 0), "folders": timers.calls.get("trial folders (Run.create_at)", 0),
+            "create_sweep_s": s.get("create_sweep", 0.0)}
+
+
+# --- the three ways ----------------------------------------------------------------------
+
+def sweep_dir_from(stdout: str) -> Path:
+    lines = stdout.splitlines()
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("sweep "):
+            return Path(lines[i + 1].strip())
+    raise RuntimeError(f"no sweep folder in slurmtune's output:\n{stdout}")
+
+
+def job_ids_of(run_dir: Path) -> list[str]:
+    steps = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["steps"]
+    return [jid for step in steps for jid in step["job_ids"]]
+
+
+def sweep_argv(args: argparse.Namespace) -> list[str]:
+    return ["sweep", str(args.manifest), "--cluster", args.cluster, "--hold"]
+
+
+def submit_fresh(args: argparse.Namespace, log: SbatchLog) -> dict:
+    argv = [str(Path(sys.executable).parent / "slurmtune"), *sweep_argv(args)]
+    log.reset()
+    start = time.perf_counter()
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{shlex.join(argv)} failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+    run_dir = sweep_dir_from(done.stdout)
+    return {"seconds": seconds, "run_dir": run_dir, "job_ids": job_ids_of(run_dir), "sbatch_calls": len(log.calls()),
+            "sbatch_log": log.calls()}
+
+
+def submit_in_process(args: argparse.Namespace, log: SbatchLog) -> dict:
+    log.reset()
+    cmd = [sys.executable, __file__, "--child", json.dumps(sweep_argv(args))]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"in-process child failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    run_dir = sweep_dir_from(result["stdout"])
+    result.update(run_dir=run_dir, job_ids=job_ids_of(run_dir), sbatch_logged=len(log.calls()))
+    return result
+
+
+def write_raw_loop(path: Path, real_sbatch: str, trials: int, name: str, out_dir: Path) -> None:
+    path.write_text(f"""#!/bin/bash
+set -euo pipefail
+for i in $(seq 0 {trials - 1}); do
+  {shlex.quote(real_sbatch)} --hold --parsable --job-name={shlex.quote(name)} \\
+      --output={shlex.quote(str(out_dir))}/raw-%j.out --time=10 --wrap true
+done
+""", encoding="utf-8")
+
+
+def submit_raw(script: Path) -> dict:
+    start = time.perf_counter()
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    ids = [line.split(";")[0] for line in done.stdout.split()]
+    if done.returncode != 0:
+        if ids:
+            subprocess.run(["scancel", *ids], capture_output=True)
+        raise RuntimeError(f"raw sbatch loop failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+    return {"seconds": seconds, "job_ids": ids, "sbatch_calls": len(ids)}
+
+
+# --- held, cancelled, gone -----------------------------------------------------------------
+
+def held_problems(ids: list[str], what: str) -> list[str]:
+    """Problems, if any job of ``ids`` is not pending with priority 0."""
+    shown = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%F|%T|%Q"],
+                           capture_output=True, text=True)
+    seen: dict[str, list[tuple[str, str]]] = {}
+    for line in shown.stdout.splitlines():
+        array_id, state, priority = line.split("|")
+        seen.setdefault(array_id, []).append((state, priority))
+    problems = []
+    for jid in ids:
+        rows = seen.get(jid)
+        if not rows:
+            problems.append(f"{what}: job {jid} not in squeue")
+        elif any(state != "PENDING" or priority != "0" for state, priority in rows):
+            problems.append(f"{what}: job {jid} not held: {rows[:3]}")
+    return problems[:5] + ([f"{what}: ... {len(problems) - 5} more"] if len(problems) > 5 else [])
+
+
+def cancel_sweep(run_dir: Path) -> None:
+    done = subprocess.run([str(Path(sys.executable).parent / "slurmtune"), "cancel", str(run_dir)],
+                          cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"slurmtune cancel {run_dir} failed:\n{done.stderr}")
+
+
+def ours_in_queue(name: str) -> list[str]:
+    shown = subprocess.run(["squeue", "-h", "-o", "%F|%j"], capture_output=True, text=True)
+    return sorted({line.split("|", 1)[0] for line in shown.stdout.splitlines()
+                   if line.partition("|")[2].startswith(name)})
+
+
+# --- measuring and reporting ---------------------------------------------------------------
+
+def measure(args: argparse.Namespace, log: SbatchLog, raw_script: Path) -> tuple[dict[str, list[dict]], list[str]]:
+    samples: dict[str, list[dict]] = {m: [] for m in METHODS}
+    problems: list[str] = []
+    for r in range(args.repeat):
+        order = METHODS[r % 3:] + METHODS[:r % 3]
+        for method in order:
+            if method == "in-process" and r >= args.split_repeat:
+                continue
+            if method == "raw":
+                sample = submit_raw(raw_script)
+                problems += held_problems(sample["job_ids"], f"raw repeat {r + 1}")
+                subprocess.run(["scancel", *sample["job_ids"]], capture_output=True)
+            else:
+                sample = submit_fresh(args, log) if method == "fresh" else submit_in_process(args, log)
+                problems += held_problems(sample["job_ids"], f"{method} repeat {r + 1}")
+                cancel_sweep(sample["run_dir"])
+                sample["folder_count"] = len(list((sample["run_dir"] / "trials").iterdir()))
+                sample["files"] = sum(len(files) for _, _, files in os.walk(sample["run_dir"]))
+            samples[method].append(sample)
+    return samples, problems
+
+
+def med(samples: list[dict], key: str = "seconds") -> float:
+    return statistics.median(s[key] for s in samples)
+
+
+def print_table(samples: dict[str, list[dict]], trials: int) -> None:
+    head = (f"{'method':<38} {'sbatch calls':>12} {'jobs':>5} {'median s':>9} {'min s':>7} "
+            f"{'per trial ms':>12} {'raw / this':>10}")
+    print(head)
+    print("-" * len(head))
+    raw = med(samples["raw"])
+    labels = {"fresh": "slurmtune sweep --hold (fresh CLI)", "in-process": "slurmtune sweep (in-process, timed)",
+              "raw": f"raw: {trials} x sbatch --hold --wrap true"}
+    for method in METHODS:
+        s = samples[method]
+        calls = max(x["sbatch_calls"] for x in s)
+        jobs = max(len(x["job_ids"]) for x in s)
+        m = med(s)
+        print(f"{labels[method]:<38} {calls:>12} {jobs:>5} {m:>9.2f} {min(x['seconds'] for x in s):>7.2f} "
+              f"{m / trials * 1000:>12.2f} {raw / m:>9.2f}x")
+
+
+def print_split(samples: list[dict]) -> None:
+    total = med(samples)
+    print(f"\nwhere the in-process submission's {total:.2f} s go (median of each phase):")
+    for phase in PHASES:
+        value = statistics.median(s["phases"][phase] for s in samples)
+        print(f"  {phase:<32} {value:>7.2f} s  {value / total:>6.1%}")
+    first = samples[0]
+    print(f"  ({first['folders']} run folders written by Run.create_at: the sweep's own + one per trial; "
+          f"{first['files']:,} files under the sweep folder after submission)")
+    manifest = next((Path(first["run_dir"]) / "trials").iterdir()) / "manifest.yaml"
+    text = manifest.read_text(encoding="utf-8")
+    sweep_part = text[text.find("\nsweep:") + 1:] if "\nsweep:" in text else ""
+    print(f"  one trial's manifest.yaml: {len(text):,} bytes, of which its copy of the sweep section "
+          f"{len(sweep_part):,} bytes ({len(sweep_part) / len(text):.0%})")
+
+
+def check_counts(samples: dict[str, list[dict]], trials: int, max_array: int) -> list[str]:
+    arrays = -(-trials // max_array)
+    problems = []
+    print("\nchecks:")
+    for method in ("fresh", "in-process"):
+        for i, s in enumerate(samples[method]):
+            calls = s["sbatch_calls"] if method == "fresh" else s["sbatch_logged"]
+            scripts = [Path(line.split()[-1]) for line in s.get("sbatch_log", [])]
+            arrays_seen = sum("#SBATCH --array" in p.read_text(encoding="utf-8") for p in scripts if p.is_file())
+            ok = (calls == arrays + 1 and s["folder_count"] == trials
+                  and (method != "fresh" or arrays_seen == arrays))
+            text = (f"{method} repeat {i + 1}: {calls} sbatch calls == {arrays} array(s) + 1 results job"
+                    + (f" ({arrays_seen} script(s) with #SBATCH --array)" if method == "fresh" else "")
+                    + f", {s['folder_count']} trial folders")
+            print(f"  {text}  {'OK' if ok else 'MISMATCH'}")
+            if not ok:
+                problems.append(text)
+    raw_ok = all(len(set(s["job_ids"])) == trials for s in samples["raw"])
+    print(f"  raw: {trials} distinct job ids per loop  {'OK' if raw_ok else 'MISMATCH'}")
+    if not raw_ok:
+        problems.append("raw: not one job per trial")
+    return problems
+
+
+def bench(args: argparse.Namespace, work: Path) -> int:
+    if not shutil.which("sbatch") or subprocess.run(["sinfo", "-h"], capture_output=True).returncode != 0:
+        print("no SLURM cluster answers (sbatch missing or sinfo failed): start the test cluster with "
+              "eval \"$(env/test-cluster/start.sh | tail -n 1)\"", file=sys.stderr)
+        return 2
+    from slurmtune.slurm import max_array_size
+    name = f"bench-sweep-{os.getpid()}"
+    args.manifest = write_sweep(work, args.trials, name)
+    log = SbatchLog(work)
+    raw_script = work / "raw-loop.sh"
+    (work / "raw-out").mkdir(exist_ok=True)
+    write_raw_loop(raw_script, log.real, args.trials, f"{name}-raw", work / "raw-out")
+    max_array = max_array_size()
+    started = time.perf_counter()
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {args.repeat} repeats, {args.trials} trials "
+          f"(grid over train.seed), cluster {args.cluster} (MaxArraySize {max_array}), work folder {work}\n")
+    problems: list[str] = []
+    try:
+        samples, problems = measure(args, log, raw_script)
+    except RuntimeError as e:
+        print(f"submission failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        leftover = ours_in_queue(name)
+        if leftover:
+            subprocess.run(["scancel", *leftover], capture_output=True)
+    print_table(samples, args.trials)
+    print_split(samples["in-process"])
+    problems += check_counts(samples, args.trials, max_array)
+    time.sleep(1)
+    left = ours_in_queue(name)
+    print(f"  squeue after cancelling: {len(left)} job(s) of this bench left  {'OK' if not left else 'MISMATCH'}")
+    if left:
+        problems.append(f"left in the queue: {', '.join(left[:10])}")
+        subprocess.run(["scancel", *left], capture_output=True)
+    print(f"\nwhole bench {time.perf_counter() - started:.0f} s")
+    if problems:
+        print(f"\n{len(problems)} check(s) failed:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap.add_argument("--trials", type=int, default=1000, help="grid points, so trials and raw jobs (default 1000)")
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="submissions per method, interleaved (default 2)")
+    ap.add_argument("--split-repeat", type=int, default=1,
+                    help="of those, how many also run the in-process, timed submission (default 1)")
+    ap.add_argument("--cluster", default="local-test", help="cluster profile (default local-test)")
+    ap.add_argument("--keep", metavar="DIR", type=Path, help="work in DIR and keep it (default: a temporary dir)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.trials < 1 or args.repeat < 1 or not 1 <= args.split_repeat:
+        ap.error("expected --trials >= 1, --repeat >= 1 and --split-repeat >= 1")
+    args.split_repeat = min(args.split_repeat, args.repeat)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(child_in_process(json.loads(args.child)), default=str))
+        return 0
+    if args.keep:
+        args.keep = args.keep.resolve()
+        args.keep.mkdir(parents=True, exist_ok=True)
+        return bench(args, args.keep)
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as work:
+        return bench(args, Path(work))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
