@@ -15,8 +15,11 @@ say what happened even when the scheduler has forgotten the job.
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,6 +27,24 @@ from slurmtune.config import RunConfig
 from slurmtune.errors import ConfigError, SlurmtuneError
 from slurmtune.runs import Run, report_status
 from slurmtune.slurm import cancel, resubmission
+
+# Set by checkpoint(): submitit requeues the job right after it and ends this attempt with
+# SystemExit, which must not read as a failure (nor cancel the steps waiting on this one).
+_requeue_pending = False
+_depth = 0  # jobs running in this process (a pipeline or a sweep trial runs steps inside itself)
+
+
+def requeue_pending() -> bool:
+    """Whether this process's job has asked to be requeued (its attempt is ending)."""
+    return _requeue_pending
+
+
+def requeue(job, *args, **kwargs):
+    """What a ``checkpoint()`` returns: call ``job(*args, **kwargs)`` again after the requeue
+    that follows."""
+    global _requeue_pending
+    _requeue_pending = True
+    return resubmission(job, *args, **kwargs)
 
 
 class Job:
@@ -48,18 +69,23 @@ class Job:
         raise NotImplementedError
 
     def __call__(self, *args: Any) -> Any:
+        global _requeue_pending
+        _requeue_pending = False  # a new attempt (or a debug executor's next job in this process)
         step = self.step_name(*args)
         report_status(self.run_dir, step, "RUNNING")
         try:
-            result = self.run(self.config(), *args)
+            with job_scope():
+                _fault_pause(step, Path(self.run_dir).name)
+                result = self.run(self.config(), *args)
         except BaseException as e:
+            if isinstance(e, SystemExit) and _requeue_pending:
+                raise  # requeued: this step runs again, what depends on it keeps waiting
             report_status(self.run_dir, step, "FAILED", error=_last_line(e))
             if not isinstance(e, SlurmtuneError):
                 traceback.print_exc()
             cancel_dependants(self.run_dir, self.step)
             raise
         report_status(self.run_dir, step, "COMPLETED")
-        _ignore_late_signals()
         return result
 
     def step_name(self, *args: Any) -> str:
@@ -68,7 +94,29 @@ class Job:
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Requeue this same job; it resumes from whatever it saved."""
         report_status(self.run_dir, self.step_name(*args), "REQUEUED")
-        return resubmission(self)
+        return requeue(self, *args, **kwargs)
+
+
+def _fault_pause(step: str, run_name: str) -> None:
+    """Fault injection for the tests: SLURMTUNE_FAULT_PAUSE=[RUN/]STEP:SECONDS holds the first
+    attempt of that step (of the run folder named RUN) at its start, a window to signal it."""
+    name, _, seconds = os.environ.get("SLURMTUNE_FAULT_PAUSE", "").rpartition(":")
+    if name in (step, f"{run_name}/{step}") and int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0:
+        time.sleep(float(seconds))
+
+
+@contextmanager
+def job_scope():
+    """One job running in this process. Jobs nest: a local pipeline or a sweep trial runs its
+    steps inside itself, and a late warning signal is ignored only once the outermost is done."""
+    global _depth
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+    if _depth == 0:
+        _ignore_late_signals()
 
 
 def _ignore_late_signals() -> None:

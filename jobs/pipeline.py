@@ -21,7 +21,7 @@ from slurmtune.profiles import ClusterProfile
 from slurmtune.runs import Run, Step
 from slurmtune.slurm import Request, render_script, submit
 
-from slurmtune.jobs.base import Job
+from slurmtune.jobs.base import Job, job_scope, requeue
 from slurmtune.jobs.convert import ConvertJob
 from slurmtune.jobs.eval import EvalJob
 from slurmtune.jobs.report import ReportJob
@@ -117,20 +117,20 @@ class LocalPipeline:
 
     def __call__(self) -> None:
         failed = 0
-        for job, items in zip(self.jobs, self.items):
-            for args in ([(item,) for item in items] if items is not None else [()]):
-                try:
-                    job(*args)
-                except Exception:
-                    if not self.keep_going:  # a pipeline stops; a sweep's other trials go on
-                        raise
-                    failed += 1
+        with job_scope():
+            for job, items in zip(self.jobs, self.items):
+                for args in ([(item,) for item in items] if items is not None else [()]):
+                    try:
+                        job(*args)
+                    except Exception:
+                        if not self.keep_going:  # a pipeline stops; a sweep's other trials go on
+                            raise
+                        failed += 1
         if failed:
             raise RuntimeError(f"{failed} task(s) failed; see `slurmtune status`")
 
     def checkpoint(self, *args, **kwargs):
-        from slurmtune.slurm import resubmission
-        return resubmission(self)
+        return requeue(self, *args, **kwargs)
 
 
 def _submit_in_one_job(run, plan, jobs, executor, profile, dry_run, echo) -> Run:

@@ -162,6 +162,13 @@ class Run:
             return {}
 
 
+def current_job_id() -> str | None:
+    """The SLURM job (or array task, ``ARRAY_TASK``) this process runs in, if any."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
 def report_status(run_dir: str | os.PathLike, step: str, state: str, **fields: Any) -> None:
     """Called by a job about itself (RUNNING, COMPLETED, FAILED, REQUEUED ...)."""
     path = Path(run_dir) / "status" / f"{safe_name(step)}.json"
@@ -173,7 +180,8 @@ def report_status(run_dir: str | os.PathLike, step: str, state: str, **fields: A
             previous = {}
     now = time.time()
     record = {**previous, **fields, "state": state, "updated": now, "host": socket.gethostname(),
-              "pid": os.getpid(), "attempt": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
+              "pid": os.getpid(), "attempt": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+              "job_id": current_job_id()}
     if state == "RUNNING" and "started" not in previous:
         record["started"] = now
     if state in ("COMPLETED", "FAILED"):

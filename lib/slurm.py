@@ -14,7 +14,6 @@ executor: the same job code in a background process on this machine) and
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
@@ -27,7 +26,7 @@ from typing import Any, Callable
 
 from slurmtune.errors import SlurmtuneError, UsageError
 from slurmtune.profiles import ClusterProfile
-from slurmtune.runs import check_safe_path, safe_name
+from slurmtune.runs import check_safe_path, current_job_id, safe_name
 
 EXECUTORS = ("slurm", "local", "debug")
 # sbatch failures worth another try: the controller is busy or briefly unreachable.
@@ -201,16 +200,16 @@ def render_script(folder: Path, profile: ClusterProfile, req: Request, after: li
 
 # --- inside a job -----------------------------------------------------------------------
 
-def resubmission(job: Callable):
-    """What a job's ``checkpoint()`` returns: run this same callable again after requeue."""
+def resubmission(job: Callable, *args, **kwargs):
+    """What a job's ``checkpoint()`` returns: call ``job`` again, with the same arguments (an
+    array task's item), after the requeue."""
     import submitit
-    return submitit.helpers.DelayedSubmission(job)
+    return submitit.helpers.DelayedSubmission(job, *args, **kwargs)
 
 
 def requeue_current_job() -> bool:
     """Ask SLURM to requeue the job this process runs in; False when not under SLURM."""
-    job_id = os.environ.get("SLURM_ARRAY_JOB_ID") and \
-        f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}" or os.environ.get("SLURM_JOB_ID")
+    job_id = current_job_id()
     if not job_id or not shutil.which("scontrol"):
         return False
     result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,

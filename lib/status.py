@@ -74,11 +74,14 @@ def _slurm_step(run: Run, step: Step, states: dict) -> StepStatus:
         state = "RUNNING"
     else:
         state = next((n for n in names if n in ACTIVE), names[0])
+    own = run.job_status(step.name)
+    if state in ("PENDING", "LOST") and not step.array_size and step.job_ids == [own.get("job_id")] \
+            and own.get("state") in ("RUNNING", "COMPLETED", "FAILED"):
+        state = own["state"]  # this job has reported itself; accounting has not caught up yet
     row = StepStatus(step.name, state, step.job_ids, max((t.elapsed_s for t in tasks), default=0),
                      sum(t.restarts for t in tasks))
     if step.array_size:
         row.tasks = f"{sum(n in DONE for n in names)}/{step.array_size} done"
-    own = run.job_status(step.name)
     if state in FAILED:
         failed = next((t for t in tasks if t.state in FAILED), None)
         row.log = _log_path(run, failed.job_id if failed else step.job_ids[0])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -55,21 +56,32 @@ def test_quickstart_runs_here_with_the_local_executor(tmp_path, tiny_model_cache
 
 
 @pytest.mark.slurm
-def test_the_same_manifest_runs_on_the_test_cluster(slurm_cluster, cli, tmp_path, tiny_model_cache):
+def test_the_same_manifest_runs_on_the_test_cluster(slurm_cluster, cli, tmp_path, tiny_model_cache, monkeypatch):
+    """... and survives SLURM's warning signal to one of its eval tasks: the task requeues, the
+    report job (which depends on the eval array) still runs."""
+    monkeypatch.setenv("SLURMTUNE_FAULT_PAUSE", "eval.0:300")  # first attempt of task 0 waits for the signal
     r = cli("run", QUICKSTART, f"output_dir={tmp_path / 'runs'}", f"model.path={tiny_model_cache}",
             "--cluster", "local-test")
     assert r.code == 0, r.err
     run = Run.open(None, tmp_path / "runs")
     assert [len(s.job_ids) for s in run.record.steps] == [1, 1, 1, 1, 1]
+    task_status = run.dir / "status" / "eval.0.json"
+    signalled = False
     deadline = time.monotonic() + 600
     while True:
+        if not signalled and task_status.is_file() and json.loads(task_status.read_text())["state"] == "RUNNING":
+            # (scancel may exit non-zero when the requeue ends the job while it still signals it)
+            subprocess.run(["scancel", "--signal=USR2", f"{run.step('eval').job_ids[0]}_0"], env=slurm_cluster)
+            signalled = True
         status = json.loads(cli("status", run.dir, "--json").out)
         if status["state"] in ("COMPLETED", "FAILED") or time.monotonic() > deadline:
             break
-        time.sleep(2)
+        time.sleep(1)
     assert status["state"] == "COMPLETED", cli("status", run.dir).out
     eval_step = next(s for s in status["steps"] if s["step"] == "eval")
     assert eval_step["tasks"] == "2/2 done"
+    task = json.loads(task_status.read_text())
+    assert signalled and task["state"] == "COMPLETED" and task["attempt"] == 1  # ran again after the requeue
     _check_run_folder(run.dir)
     local = tmp_path.parent / "quickstart-local.sha"
     if local.is_file():  # same code, seeds and data: the same adapter, wherever it ran

@@ -244,3 +244,21 @@ def test_status_without_sacct_falls_back_and_reports_lost_jobs(slurm_cluster, cl
     assert states["999999"].state == "LOST"
     status = json.loads(cli("status", run.dir, "--json").out)
     assert status["steps"][0]["state"] == "LOST"
+
+
+def test_a_job_that_reported_itself_is_not_shown_pending_while_accounting_lags(tmp_path, monkeypatch):
+    """sacct learns of a job's start and end a moment after the job; the job's own report wins
+    then, but only its own: a resubmitted step's new job is not mistaken for the old one."""
+    from slurmtune.config import RunConfig
+    from slurmtune.runs import Step, report_status
+    from slurmtune.slurm import JobState
+    from slurmtune.status import run_status
+    run = Run.create_at(tmp_path / "run", RunConfig(name="lag"), "slurm", "local-test")
+    run.add_step(Step("validate", "validate", ["101"]))
+    monkeypatch.setenv("SLURM_JOB_ID", "101")
+    report_status(run.dir, "validate", "FAILED", error="data.jsonl:1: messages: no assistant turn")
+    pending = lambda ids: {i: JobState(i, "PENDING") for i in ids}  # noqa: E731
+    row = run_status(run, scheduler_states=pending)[0]
+    assert (row.state, row.error) == ("FAILED", "data.jsonl:1: messages: no assistant turn")
+    run.record.steps[0].job_ids = ["102"]  # resubmitted: the report is the old job's
+    assert run_status(run, scheduler_states=pending)[0].state == "PENDING"
