@@ -15,7 +15,7 @@ submission only in the first ``--split-repeat`` repeats: it is there for the spl
 1000-trial sweep takes minutes):
 
 1. fresh: ``slurmtune sweep MANIFEST --cluster local-test --hold`` as a user runs it (a new
-   process: start-up, imports, one run folder per trial, the array, the results job);
+   process: start-up, imports, one run folder per trial, the array);
 2. in-process: the same command through ``slurmtune.jobs.cli.main`` in a fresh child process
    after its imports, with timers around the phases (preflight scheduler queries, expanding
    and checking the trials, writing the trial folders, submitit's per-task pickles, sbatch),
@@ -31,7 +31,7 @@ the timing every job is checked to be pending and held (priority 0), then cancel
 bench may be left in squeue.
 
 Exit 1 when slurmtune made more than one array submission for <= MaxArraySize trials (or
-more sbatch calls than arrays + the results job), when a job was not held, or when a job of
+more sbatch calls than arrays), when a job was not held, or when a job of
 this bench is left in the queue; exit 2 when no SLURM cluster answers.
 """
 
@@ -54,8 +54,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("fresh", "in-process", "raw")
-PHASES = ("preflight queries", "expand + check trials", "trial configs (apply_values)",
-          "trial folders (Run.create_at)", "task pickles + rest of submit", "sbatch (2 calls)", "other")
+PHASES = ("preflight queries", "expand (the override sets)", "trial configs (apply_values)",
+          "trial folders (Run.create_at)", "task pickles + rest of submit", "sbatch", "other")
 
 
 # --- the sweep ---------------------------------------------------------------------------
@@ -141,8 +141,8 @@ def child_in_process(argv: list[str]) -> dict:
     timers = Timers()
     timers.wrap(slurmtune.slurm, "_run", "preflight queries")
     timers.wrap(jobs_sweep, "create_sweep", "create_sweep")
-    timers.wrap(jobs_sweep, "expand", "expand + check trials")
-    timers.wrap(jobs_sweep, "apply_values", "trial configs (apply_values)")
+    timers.wrap(jobs_sweep, "expand", "expand")
+    timers.wrap(slurmtune.sweep, "apply_values", "trial configs (apply_values)")  # called by expand
     timers.wrap(Run, "create_at", "trial folders (Run.create_at)", classmethod_=True)
     timers.wrap(jobs_sweep, "submit_trials", "submit_trials")
     timers.wrap(submitit.core.utils.CommandFunction, "__call__", "sbatch")
@@ -156,11 +156,11 @@ def child_in_process(argv: list[str]) -> dict:
     s = timers.seconds
     phases = {
         "preflight queries": s.get("preflight queries", 0.0),
-        "expand + check trials": s.get("expand + check trials", 0.0),
+        "expand (the override sets)": s.get("expand", 0.0) - s.get("trial configs (apply_values)", 0.0),
         "trial configs (apply_values)": s.get("trial configs (apply_values)", 0.0),
         "trial folders (Run.create_at)": s.get("trial folders (Run.create_at)", 0.0),
         "task pickles + rest of submit": s.get("submit_trials", 0.0) - s.get("sbatch", 0.0),
-        "sbatch (2 calls)": s.get("sbatch", 0.0),
+        "sbatch": s.get("sbatch", 0.0),
     }
     phases["other"] = total - sum(phases.values())
     return {"seconds": total, "phases": phases, "stdout": printed.getvalue(),
@@ -337,9 +337,9 @@ def check_counts(samples: dict[str, list[dict]], trials: int, max_array: int) ->
             calls = s["sbatch_calls"] if method == "fresh" else s["sbatch_logged"]
             scripts = [Path(line.split()[-1]) for line in s.get("sbatch_log", [])]
             arrays_seen = sum("#SBATCH --array" in p.read_text(encoding="utf-8") for p in scripts if p.is_file())
-            ok = (calls == arrays + 1 and s["folder_count"] == trials
+            ok = (calls == arrays and s["folder_count"] == trials
                   and (method != "fresh" or arrays_seen == arrays))
-            text = (f"{method} repeat {i + 1}: {calls} sbatch calls == {arrays} array(s) + 1 results job"
+            text = (f"{method} repeat {i + 1}: {calls} sbatch call(s) == {arrays} array(s)"
                     + (f" ({arrays_seen} script(s) with #SBATCH --array)" if method == "fresh" else "")
                     + f", {s['folder_count']} trial folders")
             print(f"  {text}  {'OK' if ok else 'MISMATCH'}")

@@ -8,21 +8,23 @@
         sweep_results.{csv,json,png}
 
 A trial task converts/validates its data, trains (resuming from its own
-checkpoints after a requeue), evaluates and reports, all in its own folder.
-A trial that is already complete returns at once, so `slurmtune sweep resubmit`
-can never redo finished work. Arrays hold at most MaxArraySize tasks; beyond
-that the trials are split over several arrays, each starting after the last
-(so ``sweep.parallelism`` bounds the whole sweep).
+checkpoints after a requeue), evaluates and reports, all in its own folder, and
+then rewrites the sweep's results table, so a sweep is one ``sbatch`` call
+however many trials it has (up to MaxArraySize). A trial that is already
+complete returns at once, so `slurmtune sweep resubmit` can never redo finished
+work. Beyond MaxArraySize the trials are split over several arrays, each
+starting after the last (so ``sweep.parallelism`` bounds the whole sweep).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
-from dataclasses import asdict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from slurmtune.config import RunConfig, apply_values
+from slurmtune.config import RunConfig
 from slurmtune.jsonio import write_json_atomic
 from slurmtune.profiles import ClusterProfile
 from slurmtune.runs import Run, Step
@@ -30,15 +32,12 @@ from slurmtune.slurm import Request, render_script, submit
 from slurmtune.status import ACTIVE, DONE
 from slurmtune.sweep import Trial, expand, results_table, trial_metric, write_results
 
-from slurmtune.jobs.base import Job
+from slurmtune.jobs.base import Job, requeue_pending
 from slurmtune.jobs.convert import ConvertJob
 from slurmtune.jobs.eval import EvalJob
 from slurmtune.jobs.report import ReportJob
 from slurmtune.jobs.train import TrainJob
 from slurmtune.jobs.validate import ValidateJob
-
-RESULTS_TIME_MIN = 10
-
 
 def load_trials(sweep_dir: str | Path) -> tuple[dict, list[Trial]]:
     data = json.loads((Path(sweep_dir) / "sweep.json").read_text(encoding="utf-8"))
@@ -82,16 +81,35 @@ class TrialJob(Job):
         _, trials = load_trials(self.run_dir)
         return f"trial.{trials[index].id}"
 
+    def __call__(self, index: int) -> str:
+        try:
+            return super().__call__(index)
+        finally:
+            if not requeue_pending():
+                refresh_results(self.run_dir)
 
-class SweepResultsJob(Job):
-    """sweep_results.csv/.json/.png from whatever the trials finished."""
 
-    kind = "sweep_results"
-
-    def run(self, cfg: RunConfig) -> dict:
-        paths = write_sweep_results(Run.open(self.run_dir))
+def refresh_results(sweep_dir: str | Path) -> None:
+    """The results table as the trials' own status files see it, rewritten by each trial as it
+    ends (under a lock, so the last writer has seen every earlier trial). No scheduler query
+    from the compute node: `slurmtune sweep results RUN` rebuilds it with the scheduler's view."""
+    try:
+        with _lock(Path(sweep_dir) / ".results.lock"):
+            paths = write_sweep_results(Run.open(sweep_dir), query_scheduler=False)
         print(f"sweep results: {paths['csv']}", flush=True)
-        return {k: str(v) for k, v in paths.items()}
+    except Exception as e:  # a finished trial must not fail over the summary table
+        print(f"warning: sweep results not refreshed ({type(e).__name__}: {e}); "
+              f"rebuild them with: slurmtune sweep results {sweep_dir}", flush=True)
+
+
+@contextmanager
+def _lock(path: Path):
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:  # a shared file system without locks: atomic writes still, maybe a stale table
+            pass
+        yield
 
 
 # --- submission ---------------------------------------------------------------------------
@@ -102,28 +120,28 @@ def create_sweep(cfg: RunConfig, manifest_dir: Path, executor: str, cluster: str
     trials = expand(cfg.sweep, cfg, manifest_dir)
     run = Run.create(cfg, executor, cluster, dry_run)
     for trial in trials:
-        trial_cfg = apply_values(cfg, trial.overrides, f"sweep trial {trial.id}", manifest_dir)
-        trial_cfg.eval.shards = 1  # a trial evaluates inside its own array task
-        Run.create_at(trial_dir(run.dir, trial), trial_cfg, executor, cluster, dry_run)
+        trial.config.eval.shards = 1  # a trial evaluates inside its own array task
+        Run.create_at(trial_dir(run.dir, trial), trial.config, executor, cluster, dry_run)
     write_json_atomic(run.dir / "sweep.json", {
         "metric": cfg.sweep.metric, "mode": cfg.sweep.mode,
-        "trials": [asdict(t) for t in trials], "arrays": []})
+        "trials": [t.to_json() for t in trials], "arrays": []})
     return run, trials
 
 
 def submit_trials(run: Run, indices: list[int], executor: str, profile: ClusterProfile, max_array: int,
                   dry_run: bool = False, hold: bool = False, echo: Callable[[str], None] = print) -> list[str]:
-    """Submit trials ``indices`` as arrays of at most ``max_array`` tasks, then the results job."""
+    """Submit trials ``indices`` as arrays of at most ``max_array`` tasks: one sbatch call each."""
     cfg = run.config()
     data, _ = load_trials(run.dir)
-    job, results = TrialJob(run.dir, "trials"), SweepResultsJob(run.dir, "results")
+    job = TrialJob(run.dir, "trials")
     if executor != "slurm":
-        return _submit_local(run, indices, executor, profile, job, results, dry_run, echo)
+        return _submit_local(run, indices, executor, profile, job, dry_run, echo)
     blocks = [indices[i:i + max_array] for i in range(0, len(indices), max_array)]
     after: list[str] = []
     ids = []
+    first = len(data["arrays"])  # a resubmission's arrays number on from the earlier ones
     for n, block in enumerate(blocks):
-        name = f"trials-{len(data['arrays']) + n}"
+        name = f"trials-{first + n}"
         req = Request(f"{cfg.name}-trial", cfg.slurm.time_min, gpus_per_node=min(cfg.slurm.gpus, 1),
                       array_size=len(block), array_parallelism=cfg.sweep.parallelism, hold=hold)
         if dry_run:
@@ -132,6 +150,7 @@ def submit_trials(run: Run, indices: list[int], executor: str, profile: ClusterP
             run.add_step(Step(name, "trial", [], len(block), list(after), str(script), req.gpus_per_node))
             data["arrays"].append({"step": name, "job_id": None, "items": block})
             echo(f"{name}: {script} (array of {len(block)}, %{cfg.sweep.parallelism})")
+            after = [f"afterany:<{name}>"]  # the job id it would have
             continue
         sub = submit("slurm", run.slurm_dir, profile, req, job, after=after, items=block)
         run.add_step(Step(name, "trial", sub.job_ids, len(block), list(after), sub.script, req.gpus_per_node))
@@ -140,28 +159,22 @@ def submit_trials(run: Run, indices: list[int], executor: str, profile: ClusterP
         echo(f"{name}: array job {sub.job_ids[0]} of {len(block)} trials, at most {cfg.sweep.parallelism} at once")
         after = [f"afterany:{sub.job_ids[0]}"]  # the next block starts when this one is over
     write_json_atomic(run.dir / "sweep.json", data)
-    if not dry_run:
-        req = Request(f"{cfg.name}-results", RESULTS_TIME_MIN, hold=hold)
-        sub = submit("slurm", run.slurm_dir, profile, req, results, after=after)
-        run.add_step(Step("results", "sweep_results", sub.job_ids, None, list(after), sub.script))
-        echo(f"results: job {sub.job_ids[0]} (after the trials, whatever their end)")
     return ids
 
 
-def _submit_local(run, indices, executor, profile, job, results, dry_run, echo) -> list[str]:
+def _submit_local(run, indices, executor, profile, job, dry_run, echo) -> list[str]:
     from slurmtune.jobs.pipeline import LocalPipeline
     data, _ = load_trials(run.dir)
     name = f"trials-{len(data['arrays'])}"
     if dry_run:
         echo(f"dry run: {executor} executor would run {len(indices)} trials one after another")
         return []
-    pipeline = LocalPipeline([job, results], [indices, None], keep_going=True)
+    pipeline = LocalPipeline([job], [indices], keep_going=True)
     cfg = run.config()
     sub = submit(executor, run.slurm_dir, profile, Request(run.run_id, cfg.slurm.time_min * len(indices)), pipeline)
     data["arrays"].append({"step": name, "job_id": sub.job_ids[0], "items": indices, "local": True})
     write_json_atomic(run.dir / "sweep.json", data)
     run.record.steps.append(Step(name, "trial", sub.job_ids, len(indices), []))
-    run.record.steps.append(Step("results", "sweep_results", sub.job_ids))
     run.save()
     run.local_jobs = sub.jobs
     echo(f"{executor}: {len(indices)} trials in process {sub.job_ids[0]}")
@@ -174,23 +187,23 @@ RERUN = {"FAILED", "TIMEOUT", "PREEMPTED", "CANCELLED", "LOST", "NODE_FAIL", "OU
          "BOOT_FAIL", "DEADLINE", "NOT STARTED", "STOPPED"}
 
 
-def sweep_status(run: Run, scheduler_states=None) -> list[dict]:
-    """One row per trial from ONE scheduler query for all of the sweep's arrays."""
+def sweep_status(run: Run, query_scheduler: bool = True) -> list[dict]:
+    """One row per trial from ONE scheduler query for all of the sweep's arrays (or, without
+    the query, from the trials' own status files: a submitted trial with none is PENDING)."""
     data, trials = load_trials(run.dir)
     latest: dict[int, tuple[dict, int]] = {}
     for array in data["arrays"]:
         for position, index in enumerate(array["items"]):
             latest[index] = (array, position)  # a resubmitted trial: its newest array wins
-    states = {}
+    states = {} if query_scheduler else None
     array_ids = [a["job_id"] for a in data["arrays"] if a.get("job_id") and not a.get("local")]
-    if array_ids and run.record.executor == "slurm":
-        if scheduler_states is None:
-            from slurmtune.slurm import job_states as scheduler_states
-        states = scheduler_states(array_ids)
-    return [_trial_row(run, data, i, trial, latest.get(i), states) for i, trial in enumerate(trials)]
+    if query_scheduler and array_ids and run.record.executor == "slurm":
+        from slurmtune.slurm import job_states
+        states = job_states(array_ids)
+    return [_trial_row(run, data, trial, latest.get(i), states) for i, trial in enumerate(trials)]
 
 
-def _trial_row(run: Run, data: dict, index: int, trial: Trial, where, states: dict) -> dict:
+def _trial_row(run: Run, data: dict, trial: Trial, where, states: dict | None) -> dict:
     folder = trial_dir(run.dir, trial)
     own = run.job_status(f"trial.{trial.id}")
     row = {"trial": trial.id, "overrides": trial.overrides, "state": "NOT STARTED", "restarts": 0,
@@ -198,13 +211,17 @@ def _trial_row(run: Run, data: dict, index: int, trial: Trial, where, states: di
     if where is None:
         return row
     array, position = where
-    task = states.get(f"{array['job_id']}_{position}")
-    if task is None and array["job_id"] in states:  # tasks not started yet: the array's line
-        task = states[array["job_id"]]
+    task = None
+    if states is not None:
+        task = states.get(f"{array['job_id']}_{position}")
+        if task is None and array["job_id"] in states:  # tasks not started yet: the array's line
+            task = states[array["job_id"]]
     if task is not None and run.record.executor == "slurm":
         row.update(state=task.state, restarts=task.restarts, elapsed_s=task.elapsed_s)
     elif own:
         row["state"] = own.get("state", row["state"])
+    elif states is None and array.get("job_id"):
+        row["state"] = "PENDING"  # submitted, not started as far as its folder knows
     if row["state"] == "COMPLETED" and own.get("state") == "FAILED":
         row["state"] = "FAILED"  # the task ended cleanly but the trial's job reported a failure
     if own.get("error") and row["state"] not in DONE | ACTIVE:
@@ -226,9 +243,9 @@ def to_rerun(rows: list[dict]) -> list[int]:
     return [i for i, row in enumerate(rows) if row["state"] in RERUN]
 
 
-def write_sweep_results(run: Run) -> dict[str, Path]:
+def write_sweep_results(run: Run, query_scheduler: bool = True) -> dict[str, Path]:
     data, trials = load_trials(run.dir)
-    rows = sweep_status(run)
+    rows = sweep_status(run, query_scheduler)
     return write_results(run.dir, results_table(trials, rows, data["metric"], data["mode"]), data["metric"])
 
 

@@ -26,7 +26,7 @@ import itertools
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,11 @@ RANDOM_KINDS = ("uniform", "log_uniform", "choice", "int_uniform")
 class Trial:
     id: str
     overrides: dict[str, Any]
+    # The trial's own resolved config (set by expand): the base with the overrides, no sweep section.
+    config: RunConfig | None = field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "overrides": self.overrides}
 
 
 def trial_id(overrides: dict[str, Any]) -> str:
@@ -49,7 +54,8 @@ def trial_id(overrides: dict[str, Any]) -> str:
 
 
 def expand(sweep: SweepConfig, base: RunConfig, base_dir: Path | None = None) -> list[Trial]:
-    """Every trial of a sweep, each checked by building its config (bad keys fail here)."""
+    """Every trial of a sweep with its config (bad keys and types fail here). A trial is a plain
+    run: its config keeps no sweep section."""
     factors = []
     if sweep.trials:
         factors.append([dict(t) for t in sweep.trials])
@@ -67,14 +73,14 @@ def expand(sweep: SweepConfig, base: RunConfig, base_dir: Path | None = None) ->
     if not factors:
         raise UsageError("sweep: nothing to sweep; give grid, paired, random (+ samples) or trials")
     trials, seen = [], set()
+    base = replace(base, sweep=SweepConfig())
     for parts in itertools.product(*factors):
         overrides = {k: v for part in parts for k, v in part.items()}
         tid = trial_id(overrides)
         if tid in seen:
             continue
         seen.add(tid)
-        apply_values(base, overrides, f"sweep trial {tid}", base_dir)  # raises on bad keys or types
-        trials.append(Trial(tid, overrides))
+        trials.append(Trial(tid, overrides, apply_values(base, overrides, f"sweep trial {tid}", base_dir)))
     return trials
 
 

@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import write_jsonl
 from slurm_cluster import wait_for_state
@@ -135,27 +136,44 @@ def test_twelve_trials_one_array_at_most_three_at_once_and_resubmit_only_the_kil
                             "  parallelism: 3")
     bindir = _counting_wrapper(tmp_path, ["sbatch"])
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    first = expand(load_manifest(m).sweep, load_manifest(m), m.parent)[0].id
+    monkeypatch.setenv("SLURMTUNE_FAULT_PAUSE", f"{first}/eval.0:300")  # trial 0 waits in its eval phase
     r = cli("sweep", m, "--cluster", "local-test")
     assert r.code == 0, r.err
     run = Run.open(None, tmp_path / "runs")
     arrays = [s for s in run.record.steps if s.kind == "trial"]
     assert len(arrays) == 1 and arrays[0].array_size == 12
-    assert (tmp_path / "calls.log").read_text().split() == ["sbatch", "sbatch"]  # the array + the results job
+    assert (tmp_path / "calls.log").read_text().split() == ["sbatch"]  # one array, nothing else
     array_id = arrays[0].job_ids[0]
     assert re.search(r"#SBATCH --array=0-11%3", Path(arrays[0].script).read_text())
     killed = [4, 7]
     for task in killed:
         subprocess.run(["scancel", f"{array_id}_{task}"], check=True, env=slurm_cluster)
+    # SLURM's warning signal reaches trial 0 while it evaluates: the task requeues and finishes.
+    eval_status = run.dir / "trials" / first / "status" / "eval.0.json"
+    deadline = time.monotonic() + 300
+    while not (eval_status.is_file() and json.loads(eval_status.read_text())["state"] == "RUNNING"):
+        assert time.monotonic() < deadline, "trial 0 never reached its eval phase"
+        time.sleep(0.5)
+    # (scancel may exit non-zero when the requeue ends the job while it still signals its steps)
+    subprocess.run(["scancel", "--signal=USR2", f"{array_id}_0"], env=slurm_cluster)
     wait_for_state(array_id, timeout_s=900, env=slurm_cluster)
-    results_id = run.step("results").job_ids[0]
-    assert wait_for_state(results_id, timeout_s=120, env=slurm_cluster) == "COMPLETED"
+    for status_file in (run.dir / "status" / f"trial.{first}.json", eval_status):
+        assert json.loads(status_file.read_text())["state"] == "COMPLETED"
+        assert json.loads(status_file.read_text())["attempt"] == 1  # the second attempt finished it
     assert _max_concurrency(array_id, slurm_cluster) <= 3
     status = json.loads(cli("sweep", "status", run.dir, "--json").out)
     states = [t["state"] for t in status["trials"]]
     assert [i for i, s in enumerate(states) if s != "COMPLETED"] == killed, states
+    # The trials wrote the results table as each ended: every finished trial has its metric.
     data = json.loads((run.dir / "sweep_results.json").read_text())
-    assert sum(1 for t in data["trials"] if t["best"]) == 1 and len(data["trials"]) == 12
+    assert len(data["trials"]) == 12 and sum(1 for t in data["trials"] if t["best"]) == 1
+    scored = [i for i, t in enumerate(data["trials"]) if isinstance(t[data["metric"]], float)]
+    assert scored == [i for i in range(12) if i not in killed]
     assert (run.dir / "sweep_results.png").stat().st_size > 1000
+    r = cli("sweep", "results", run.dir)  # rebuilt on the login node with the scheduler's states
+    assert r.code == 0 and [t["state"] for t in json.loads((run.dir / "sweep_results.json").read_text())
+                            ["trials"]] == states
     (tmp_path / "calls.log").write_text("")
     r = cli("sweep", "resubmit", run.dir)
     assert r.code == 0, r.err
@@ -163,10 +181,12 @@ def test_twelve_trials_one_array_at_most_three_at_once_and_resubmit_only_the_kil
     assert f"resubmitting 2 trial(s): {', '.join(ids)}" in r.out
     run = Run.open(run.dir)
     new_array = [s for s in run.record.steps if s.kind == "trial"][-1]
-    assert new_array.array_size == 2 and (tmp_path / "calls.log").read_text().split() == ["sbatch", "sbatch"]
+    assert new_array.array_size == 2 and (tmp_path / "calls.log").read_text().split() == ["sbatch"]
     wait_for_state(new_array.job_ids[0], timeout_s=600, env=slurm_cluster)
     status = json.loads(cli("sweep", "status", run.dir, "--json").out)
     assert all(t["state"] == "COMPLETED" for t in status["trials"])
+    data = json.loads((run.dir / "sweep_results.json").read_text())  # the last trial's refresh
+    assert all(isinstance(t[data["metric"]], float) for t in data["trials"])
     assert "nothing to resubmit" in cli("sweep", "resubmit", run.dir).out
 
 
@@ -178,7 +198,13 @@ def test_status_of_a_200_trial_sweep_is_one_scheduler_query(slurm_cluster, cli, 
     assert r.code == 0, r.err
     run = Run.open(None, tmp_path / "runs")
     try:
-        assert len(json.loads((run.dir / "sweep.json").read_text())["trials"]) == 200
+        trials = json.loads((run.dir / "sweep.json").read_text())["trials"]
+        assert len(trials) == 200
+        for trial in (trials[0], trials[-1]):  # a trial folder is a plain run of its overrides
+            saved = yaml.safe_load((run.dir / "trials" / trial["id"] / "manifest.yaml").read_text())
+            assert saved["train"]["lr"] == trial["overrides"]["train.lr"]
+            assert saved["lora"]["r"] == trial["overrides"]["lora.r"]
+            assert saved["sweep"]["grid"] == {} and saved["sweep"]["parallelism"] == SweepConfig().parallelism
         array_id = [s for s in run.record.steps if s.kind == "trial"][0].job_ids[0]
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # accounting learns of a new job a moment after sbatch
@@ -205,7 +231,8 @@ def test_more_trials_than_max_array_size_are_split(slurm_cluster, cli, tmp_path)
     assert r.code == 0, r.err
     run = Run.open(None, tmp_path / "runs")
     arrays = [s for s in run.record.steps if s.kind == "trial"]
-    assert [a.array_size for a in arrays] == [1001, 199]
+    assert [(a.name, a.array_size) for a in arrays] == [("trials-0", 1001), ("trials-1", 199)]
     scripts = [Path(a.script).read_text() for a in arrays]
     assert "#SBATCH --array=0-1000%4" in scripts[0] and "#SBATCH --array=0-198%4" in scripts[1]
-    assert "afterany:" in scripts[1] or "afterany" in str(arrays[1].depends_on) or arrays[1].depends_on == []
+    assert "#SBATCH --dependency='afterany:<trials-0>'" in scripts[1] and "--dependency" not in scripts[0]
+    assert arrays[1].depends_on == ["afterany:<trials-0>"]
