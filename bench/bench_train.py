@@ -102,6 +102,7 @@ class Probe:
         self.step_cpu_s: list[float] = []
         self.save_s: list[float] = []
         self.batches: list[dict] = []
+        self.attn_implementation = ""
         self._t0 = self._cpu0 = 0.0
 
     def callback(self):
@@ -112,6 +113,7 @@ class Probe:
         class Timer(TrainerCallback):
             def on_train_begin(self, args, state, control, model=None, **kwargs):
                 model.register_forward_pre_hook(probe.count_inputs, with_kwargs=True)
+                probe.attn_implementation = model.config._attn_implementation
 
             def on_step_begin(self, args, state, control, **kwargs):
                 probe._t0, probe._cpu0 = time.perf_counter(), time.process_time()
@@ -128,9 +130,19 @@ class Probe:
         ids, labels = kwargs["input_ids"], kwargs["labels"]
         mask = kwargs.get("attention_mask")
         real = int(mask.sum()) if mask is not None else int(ids.numel())
+        padding_free = kwargs.get("position_ids") is not None and mask is None
+        if padding_free:  # one row of concatenated sequences; each starts again at position 0
+            positions = kwargs["position_ids"][0]
+            starts = (positions == 0).nonzero().flatten().tolist() + [len(positions)]
+            lengths = [b - a for a, b in zip(starts, starts[1:])]
+        else:
+            lengths = mask.sum(dim=1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
         self.batches.append({"shape": list(ids.shape), "slots": int(ids.numel()), "real": real,
-                             "trained": int((labels != -100).sum()),
-                             "padding_free": "position_ids" in kwargs and mask is None})
+                             "trained": int((labels != -100).sum()), "padding_free": padding_free,
+                             # attention scores per layer and head: what a dense mask over the batch's
+                             # rows computes, and what a kernel that skips padding and other rows needs
+                             "attn_dense": ids.shape[0] * ids.shape[1] ** 2,
+                             "attn_needed": sum(n * n for n in lengths)})
         return None
 
     def time_saves(self, trainer) -> None:
@@ -172,7 +184,8 @@ def child_train(args: argparse.Namespace, config: str) -> dict:
     return {"config": config, "status": outcome.status, "steps": outcome.step, "epoch": epoch,
             "setup_s": setup_s, "train_s": train_s, "step_s": probe.step_s, "step_cpu_s": probe.step_cpu_s,
             "save_s": probe.save_s,
-            "batches": probe.batches, "dataset_rows": rows_in_dataset,
+            "batches": probe.batches, "attn_implementation": probe.attn_implementation,
+            "dataset_rows": rows_in_dataset,
             "checkpoints": [p.name for p in complete_checkpoints(run_dir / "checkpoints")]}
 
 
@@ -221,6 +234,9 @@ def summarize(runs: list[dict]) -> dict:
             "save_step": statistics.median(ratios) if ratios else None,
             "saves": sum(len(r["save_s"]) for r in runs) // len(runs),
             "train_s": statistics.median(r["train_s"] for r in runs),
+            "attn_dense": sum(b["attn_dense"] for b in batches),
+            "attn_needed": sum(b["attn_needed"] for b in batches),
+            "attn_implementation": first["attn_implementation"],
             "dataset_rows": first["dataset_rows"], "checkpoints": first["checkpoints"],
             "consistent": all(sum(b["trained"] for b in r["batches"]) == trained
                               and sum(b["real"] for b in r["batches"]) == real for r in runs)}
@@ -250,6 +266,11 @@ def print_table(results: dict[str, dict]) -> None:
         print(f"{config}: trained tok/s per repeat {', '.join(f'{r:,.0f}' for r in s['rates'])}; first batch "
               f"shape {s['shape']}, {s['real'] / s['steps']:,.0f} real tokens per step; train() {s['train_s']:.1f} s "
               f"(median) incl. {s['saves']} step save(s) and final/")
+    print()
+    for config, s in results.items():
+        print(f"{config}: attention scores per layer and head, one epoch: {s['attn_dense'] / 1e6:,.1f}M computed "
+              f"with a dense mask ({s['attn_implementation']} here), {s['attn_needed'] / 1e6:,.1f}M needed by a "
+              f"kernel that skips padding and the other rows (varlen flash-attention)")
 
 
 def print_lengths(lengths: dict, max_length: int) -> None:

@@ -148,13 +148,15 @@ def _launch(cfg: RunConfig, only: str | None, args, existing: Run | None = None)
 
 
 def _preflight(cfg, plan, profile, executor, only, existing) -> None:
-    from slurmtune.preflight import (ClusterFacts, StepNeeds, check_cluster, check_distributed, check_gpus,
-                                     check_paths)
+    from slurmtune.preflight import (ClusterFacts, StepNeeds, check_attention, check_cluster, check_distributed,
+                                     check_gpus, check_paths, packing_notice)
     needs = [StepNeeds(s.name, s.kind, s.request.gpus_per_node, s.request.nodes, s.request.time_min,
                        s.request.partition or (profile.partition if s.request.gpus_per_node
                                                else profile.cpu_partition or profile.partition),
                        s.shards) for s in plan]
     problems = check_paths(cfg, profile) + check_gpus(cfg, needs) + check_distributed(cfg, needs)
+    if any(s.kind.startswith("train") for s in plan):
+        problems += check_attention(cfg)
     if executor == "slurm":
         from slurmtune import slurm
         facts = ClusterFacts(slurm.partitions(), profile.max_array_size or slurm.max_array_size())
@@ -164,6 +166,9 @@ def _preflight(cfg, plan, profile, executor, only, existing) -> None:
                         "pipeline (slurmtune run) or submit into an existing run")
     if not problems and any(s.kind.startswith("train") for s in plan):
         problems += _trained_tokens(cfg, existing)
+        notice = packing_notice(cfg)
+        if notice:
+            print(notice, file=sys.stderr)
     if problems:
         raise ConfigError(problems, source="not submitted")
 

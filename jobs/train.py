@@ -15,6 +15,7 @@ from pathlib import Path
 
 from slurmtune.config import RunConfig
 from slurmtune.errors import SlurmtuneError
+from slurmtune.preflight import check_attention
 from slurmtune.runs import data_files, report_status
 from slurmtune.slurm import requeue_current_job
 
@@ -39,7 +40,7 @@ class TrainJob(Job):
         if cfg.slurm.gpus > 1 or cfg.distributed.nodes * cfg.distributed.gpus_per_node > 1:
             problems.append("the train job uses one GPU; for several use distributed.* with the "
                             "train_deepspeed job")
-        return problems
+        return problems + check_attention(cfg)
 
     def run(self, cfg: RunConfig) -> dict:
         from slurmtune.train import StopRequest, install_signal_handlers, run_training

@@ -37,6 +37,7 @@ from slurmtune.distributed import (
 )
 from slurmtune.errors import UsageError
 from slurmtune.runs import data_files, report_status
+from slurmtune.preflight import check_attention
 from slurmtune.slurm import requeue_current_job
 
 from slurmtune.jobs.base import Job, cancel_dependants
@@ -52,7 +53,7 @@ class TrainDeepSpeedJob(Job):
         if not cfg.model.path or (not Path(cfg.model.path).is_dir() and not cfg.model.tiny_arch):
             problems.append(f"model.path: {cfg.model.path!r} is not a model folder; download it on the "
                             "login node (slurmtune fetch-model) or set model.path")
-        return problems + check_distributed(cfg)
+        return problems + check_distributed(cfg) + check_attention(cfg)
 
     def __call__(self) -> dict:
         """Every rank runs this; rank 0 speaks for the step, and on a failure the rank that

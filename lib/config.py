@@ -70,6 +70,9 @@ class ModelConfig:
     path: str = _path("", doc="local model folder or Hugging Face cache snapshot")
     tiny_arch: str | None = None  # build a random tiny model at `path` when missing (demos, tests)
     chat_template: str | None = _path(doc="Jinja chat template file that replaces the model's")
+    # The attention kernel for training. Packing only pays with one that skips the other rows of a
+    # packed batch (flash_attention_2, flex_attention: GPU only); sdpa computes the whole block.
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
 
 
 @dataclass

@@ -11,6 +11,7 @@ these checks are pure and testable with recorded facts.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,31 @@ def check_gpus(cfg: RunConfig, steps: list[StepNeeds]) -> list[str]:
         problems.append("QLoRA with several GPUs is not supported: use train.method=lora (or lora-8bit) "
                         "with distributed.*, or one GPU with qlora")
     return problems
+
+
+def check_attention(cfg: RunConfig) -> list[str]:
+    """The training attention kernel against where the run trains."""
+    impl = cfg.model.attn_implementation
+    problems = []
+    distributed = cfg.distributed.nodes * cfg.distributed.gpus_per_node > 1
+    on_cpu = cfg.distributed.device == "cpu" if distributed else cfg.slurm.gpus == 0
+    if impl in ("flash_attention_2", "flex_attention") and on_cpu:
+        problems.append(f"model.attn_implementation={impl} trains on GPUs only (it has no backward pass on "
+                        "CPU) but this run trains on CPU; fix: model.attn_implementation=sdpa, or slurm.gpus=1")
+    if impl == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        problems.append("model.attn_implementation=flash_attention_2 needs the flash-attn package, which this "
+                        "environment lacks; fix: install a flash-attn wheel built for this torch and CUDA, "
+                        "or use flex_attention (part of torch)")
+    return problems
+
+
+def packing_notice(cfg: RunConfig) -> str | None:
+    if cfg.train.packing and cfg.model.attn_implementation in ("sdpa", "eager"):
+        return (f"notice: train.packing with {cfg.model.attn_implementation} attention computes each packed "
+                "batch as one block (no padding, but attention across rows that a mask then hides); with "
+                "long rows that is slower than padding (bench/RESULTS.md). On GPUs set "
+                "model.attn_implementation=flex_attention or flash_attention_2")
+    return None
 
 
 def check_distributed(cfg: RunConfig, steps: list[StepNeeds]) -> list[str]:

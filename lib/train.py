@@ -499,7 +499,8 @@ def load_model(cfg: RunConfig, device: Device):
     from transformers import AutoModelForCausalLM
 
     method = cfg.train.method
-    kwargs = {"local_files_only": True, "dtype": device.dtype}
+    kwargs = {"local_files_only": True, "dtype": device.dtype,
+              "attn_implementation": cfg.model.attn_implementation}
     if method in ("qlora", "lora-8bit"):
         kwargs["quantization_config"] = _quantization(method, device)
         kwargs["device_map"] = {"": device.index}  # bitsandbytes quantizes while placing the weights

@@ -38,6 +38,9 @@ def test_overrides_after_flags_and_preflight_on_the_login_node(cli, tmp_path):
     assert "tokens trained" in r.err and "in the first 6 rows" in r.err
     saved = yaml.safe_load((Run.open(None, tmp_path / "runs").dir / "manifest.yaml").read_text())
     assert saved["train"]["lr"] == 3e-4 and saved["lora"]["r"] == 4
+    assert "notice: train.packing" not in r.err
+    r = cli("run", m, "--executor", "local", "--dry-run", "train.packing=true")
+    assert r.code == 0 and "notice: train.packing with sdpa attention computes each packed batch" in r.err
     before = len(list((tmp_path / "runs").iterdir()))
     r = cli("run", m, "--executor", "local", "train.max_length=4")
     assert r.code == 2 and "train: zero trained tokens in the first 6 rows" in r.err

@@ -193,6 +193,10 @@ def test_secrets_never_reach_scripts_run_folders_or_logs(slurm_cluster, cli, tmp
     (["distributed.gpus_per_node=4", "train.method=lora"],
      "train: 4 GPUs per node requested but partition debug's nodes have 2"),
     (["data.inputs=[/nonexistent/exported.json]"], "data.inputs[0]: /nonexistent/exported.json: no such file"),
+    (["model.attn_implementation=flex_attention"],
+     "model.attn_implementation=flex_attention trains on GPUs only (it has no backward pass on CPU)"),
+    (["model.attn_implementation=flash_attention_2", "slurm.gpus=1"],
+     "model.attn_implementation=flash_attention_2 needs the flash-attn package"),
 ])
 def test_impossible_requests_fail_at_once(slurm_cluster, cli, tmp_path, overrides, message):
     m = convert_manifest(tmp_path, tmp_path / "runs")

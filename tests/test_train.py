@@ -305,12 +305,15 @@ def test_quantized_methods_train_on_cpu(method, layer, tiny, data, tmp_path):
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses.values())
 
 
-def test_packing_runs_padding_free(tiny, data, tmp_path):
+def test_packing_runs_padding_free_with_the_chosen_attention(tiny, data, tmp_path):
     def packed(trainer):
         batch = next(iter(trainer.get_train_dataloader()))
         assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch  # rows side by side, no padding
+        assert trainer.model.config._attn_implementation == "eager"
 
-    outcome = run_recipe(make_cfg(tiny, packing=True, max_steps=3), tmp_path / "run", [data["train"]], packed)
+    cfg = make_cfg(tiny, packing=True, max_steps=3)
+    cfg.model.attn_implementation = "eager"
+    outcome = run_recipe(cfg, tmp_path / "run", [data["train"]], packed)
     assert outcome.status == "completed"
     assert all(math.isfinite(v) for v in logged_losses(outcome.checkpoint).values())
 
