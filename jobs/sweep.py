@@ -39,6 +39,7 @@ from slurmtune.jobs.report import ReportJob
 from slurmtune.jobs.train import TrainJob
 from slurmtune.jobs.validate import ValidateJob
 
+
 def load_trials(sweep_dir: str | Path) -> tuple[dict, list[Trial]]:
     data = json.loads((Path(sweep_dir) / "sweep.json").read_text(encoding="utf-8"))
     return data, [Trial(t["id"], t["overrides"]) for t in data["trials"]]
