@@ -40,7 +40,7 @@ from slurmtune.runs import data_files, report_status
 from slurmtune.preflight import check_attention
 from slurmtune.slurm import requeue_current_job
 
-from slurmtune.jobs.base import Job, cancel_dependants
+from slurmtune.jobs.base import Job, cancel_dependants, job_scope, requeue_pending
 from slurmtune.jobs.train import MAX_REQUEUES, TrainStopped
 
 
@@ -64,12 +64,15 @@ class TrainDeepSpeedJob(Job):
         if rdv.rank == 0:
             report_status(self.run_dir, self.step, "RUNNING", world_size=rdv.world_size)
         try:
-            result = self.run(self.config(), rdv, reports)
+            with job_scope():  # a warning signal after the work is done is ignored
+                result = self.run(self.config(), rdv, reports)
         except TrainStopped as e:  # saved, but nothing could requeue it: resubmit to resume
             if rdv.rank == 0:
                 report_status(self.run_dir, self.step, "FAILED", error=str(e).splitlines()[0])
             raise
         except BaseException as e:
+            if isinstance(e, SystemExit) and requeue_pending():
+                raise  # submitit requeued the job (a signal outside training): it runs again
             culprit, what = reports.failed(e)
             host = reports.read_all().get(culprit, {}).get("host", "?")
             report_status(self.run_dir, self.step, "FAILED", failed_rank=culprit,
