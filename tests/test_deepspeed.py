@@ -308,7 +308,9 @@ def jobs(slurm_cluster, tmp_path_factory):
     watcher = threading.Thread(target=interrupt_when_training, args=(runs["zero3-usr2"], slurm_cluster, sent),
                                daemon=True)
     watcher.start()
-    return root, runs, (watcher, sent)
+    yield root, runs, (watcher, sent)
+    if not isinstance(runs["two-node"], str):
+        subprocess.run(["bash", str(TWO_NODE_SCRIPT), "stop"], capture_output=True, timeout=60)
 
 
 TWO_NODE_SCRIPT = Path(__file__).with_name("two_node_cluster.sh")

@@ -91,6 +91,7 @@ running() { [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 start() {
   [[ "$(id -u)" -eq 0 ]] || die "must run as root"
   [[ -S "$MUNGE_SOCKET" ]] || die "no munged at $MUNGE_SOCKET: start env/test-cluster/start.sh first"
+  stop  # daemons left from an earlier start may trust another munged: always begin afresh
   network
   config
   running "$STATE/slurmctld.pid" || in_node stctl slurmctld -f "$CONF"
@@ -108,8 +109,13 @@ start() {
 }
 
 stop() {
+  local pid deadline
   for pid in "$STATE"/slurmd-stn*.pid "$STATE/slurmctld.pid"; do
-    running "$pid" && kill "$(cat "$pid")" && log "stopped $(basename "$pid" .pid)"
+    running "$pid" || continue
+    kill "$(cat "$pid")"
+    deadline=$((SECONDS + 15))
+    while running "$pid" && ((SECONDS < deadline)); do sleep 0.2; done
+    log "stopped $(basename "$pid" .pid)"
   done
   for n in 1 2; do ip netns del "stn$n" 2>/dev/null || true; done
   ip link del st-br 2>/dev/null || true
