@@ -89,10 +89,10 @@ def check_gpus(cfg: RunConfig, steps: list[StepNeeds]) -> list[str]:
 
 def check_attention(cfg: RunConfig) -> list[str]:
     """The training attention kernel against where the run trains."""
+    from slurmtune.distributed import world_size
     impl = cfg.model.attn_implementation
     problems = []
-    distributed = cfg.distributed.nodes * cfg.distributed.gpus_per_node > 1
-    on_cpu = cfg.distributed.device == "cpu" if distributed else cfg.slurm.gpus == 0
+    on_cpu = cfg.distributed.device == "cpu" if world_size(cfg) > 1 else cfg.slurm.gpus == 0
     if impl in ("flash_attention_2", "flex_attention") and on_cpu:
         problems.append(f"model.attn_implementation={impl} trains on GPUs only (it has no backward pass on "
                         "CPU) but this run trains on CPU; fix: model.attn_implementation=sdpa, or slurm.gpus=1")
