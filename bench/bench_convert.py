@@ -74,7 +74,7 @@ def child_json_load(export: Path, out_dir: Path) -> dict:
 def child_convert(export: Path, out_dir: Path) -> dict:
     from dataclasses import asdict
 
-    from slurmtune.converters import get_converter, run_conversion
+    from slurmtune.data.converters import get_converter, run_conversion
     converter = get_converter("speechgradebook")()
     start = time.perf_counter()
     summary = run_conversion(converter, [export], out_dir, split=0.9, seed=42, on_error="skip")
@@ -82,7 +82,7 @@ def child_convert(export: Path, out_dir: Path) -> dict:
 
 
 def child_validate(export: Path, out_dir: Path) -> dict:
-    from slurmtune.validate import validate_files
+    from slurmtune.data.validate import validate_files
     start = time.perf_counter()
     report = validate_files([str(export)])
     seconds = time.perf_counter() - start
@@ -97,8 +97,8 @@ CHILD_PHASES = {"json.load": child_json_load, "convert": child_convert, "validat
 def run_child(phase: str, export: Path, out_dir: Path, profile: bool) -> None:
     """Import what the phase needs, note the RSS, run it, print one JSON line."""
     if phase != "json.load":
-        import slurmtune.converters.speechgradebook  # noqa: F401  (imports are not the phase)
-        import slurmtune.validate  # noqa: F401
+        import slurmtune.data.converters.speechgradebook  # noqa: F401  (imports are not the phase)
+        import slurmtune.data.validate  # noqa: F401
     rss_after_imports = rss_now_mb()
     if profile:
         import cProfile

@@ -8,7 +8,7 @@ checkpoint save time of ZeRO-2 against ZeRO-3.
 
 The data is the bundled SpeechGradebook sample converted with ``slurmtune convert
 speechgradebook`` (42 chat rows of 570 to 2,140 tokens), the model the 2-layer tiny Llama of
-``slurmtune.tiny_model``, the recipe the quickstart manifest's (LoRA r 8, loss on the assistant
+``slurmtune.train.tiny_model``, the recipe the quickstart manifest's (LoRA r 8, loss on the assistant
 turn) with batch 4 per process, no accumulation, max_length 2,048.
 
 Configurations (each a set of fresh processes per repeat, interleaved so that load from other
@@ -17,7 +17,7 @@ users of the machine falls on all alike):
 - ``plain-1``: one process, no DeepSpeed (the single-GPU recipe): the baseline;
 - ``zero2-1``, ``zero3-1``: one process with DeepSpeed ZeRO-2 / ZeRO-3;
 - ``zero2-2``, ``zero3-2``: two processes, started as torchrun starts them (RANK, WORLD_SIZE,
-  MASTER_ADDR/PORT), meeting through ``slurmtune.distributed`` over gloo.
+  MASTER_ADDR/PORT), meeting through ``slurmtune.train.distributed`` over gloo.
 
 Every process gets ``--threads`` torch threads (default 1: a process stands for one GPU, and two
 processes of one thread fill this 2-core machine). Per process, a TrainerCallback times each
@@ -59,10 +59,10 @@ def child(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    from slurmtune.checkpoints import complete_checkpoints, missing_rank_files, read_marker, trainer_class
+    from slurmtune.train.checkpoints import complete_checkpoints, missing_rank_files, read_marker, trainer_class
     from slurmtune.config import load_manifest
-    from slurmtune.distributed import DEEPSPEED_DIR, init_process_group, rendezvous
-    from slurmtune.train import TrainingRecipe
+    from slurmtune.train.distributed import DEEPSPEED_DIR, init_process_group, rendezvous
+    from slurmtune.train.recipe import TrainingRecipe
 
     trainer_class()  # imports TRL (seconds), not part of the run
     stage, procs = args.child.split("-")
@@ -256,7 +256,7 @@ def check(results: dict[str, dict]) -> list[str]:
 def bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     args.train_file = convert(args)
-    subprocess.run([sys.executable, "-c", "import sys; from slurmtune.tiny_model import make_tiny_model; "
+    subprocess.run([sys.executable, "-c", "import sys; from slurmtune.train.tiny_model import make_tiny_model; "
                     "make_tiny_model(sys.argv[1])", str(args.work / "tiny-llama")], check=True)
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {args.repeat} repeat(s), {args.threads} "
           f"thread(s) per process, batch {args.batch_size} per process, max_length {args.max_length}, "

@@ -13,7 +13,7 @@ Setup: two runs of the quickstart manifest, trained locally by the CLI as a user
 a run keeps its manifest, so ``slurmtune submit eval RUN`` cannot change the shard count of an
 existing run. Training is deterministic, so both runs hold the same adapter (checked by hash).
 
-1. Generation (one fresh child process, the model loaded once): ``slurmtune.generate.predict``
+1. Generation (one fresh child process, the model loaded once): ``slurmtune.evaluate.generate.predict``
    with the tiny Llama and the run's LoRA adapter (r 8), greedy, on the prompts of all 42 converted
    SpeechGradebook rows (every turn before the assistant's answer: 350 to 1,900 tokens), with
    ``batch_size`` 1 (one prompt at a time: the baseline), 8 and 16; ``predict`` sorts prompts by
@@ -84,8 +84,8 @@ class TokenCounter:
 
 def child_generate(args: argparse.Namespace) -> dict:
     """Every batch size over the same prompts, interleaved group by group (see the module doc)."""
-    from slurmtune.generate import load_for_generation, predict, prompt_ids
-    from slurmtune.jsonio import iter_records
+    from slurmtune.evaluate.generate import load_for_generation, predict, prompt_ids
+    from slurmtune.data.jsonio import iter_records
 
     records = [item.value for f in args.prompt_files for item in iter_records(f)]
     model, tokenizer = load_for_generation(args.model, adapter=args.adapter)

@@ -18,7 +18,7 @@ below the table) so load from other users of the machine falls on all alike; med
 of ``--repeat``:
 
 1. fresh: the CLI as a user runs it, a new process (Python start-up, imports, submission);
-2. in-process: ``slurmtune.jobs.cli.main([...])`` in this process, after one untimed
+2. in-process: ``slurmtune.cli.main.main([...])`` in this process, after one untimed
    warm-up call that pays the lazy imports (submitit, the job modules), so only the
    submission is timed;
 3. raw: ``sbatch --parsable`` of the very ``*_submission.sh`` files slurmtune wrote in the
@@ -62,7 +62,7 @@ PROFILE_RATIO = 3.0
 OVERHEADS = {
     "python start-up (python -c pass)": [sys.executable, "-c", "pass"],
     "python start-up + every module the CLI imports": [
-        sys.executable, "-c", "import slurmtune.jobs.cli, slurmtune.jobs.pipeline, slurmtune.preflight, submitit"],
+        sys.executable, "-c", "import slurmtune.cli.main, slurmtune.jobs.pipeline, slurmtune.checks, submitit"],
     "bash start-up, in every raw time (bash -c true)": ["bash", "-c", "true"],
     "sh start-up, the wrapper's cost per sbatch call (sh -c true)": ["sh", "-c", "true"],
 }
@@ -144,7 +144,7 @@ def submit_fresh(case: str, args: argparse.Namespace, out_dir: Path, log: Sbatch
 
 def submit_in_process(case: str, args: argparse.Namespace, out_dir: Path, log: SbatchLog,
                       profiler=None) -> tuple[Sample, Path]:
-    from slurmtune.jobs.cli import main
+    from slurmtune.cli.main import main
     argv = slurmtune_argv(case, args, out_dir)
     printed = io.StringIO()
     log.reset()

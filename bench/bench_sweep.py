@@ -16,7 +16,7 @@ submission only in the first ``--split-repeat`` repeats: it is there for the spl
 
 1. fresh: ``slurmtune sweep MANIFEST --cluster local-test --hold`` as a user runs it (a new
    process: start-up, imports, one run folder per trial, the array);
-2. in-process: the same command through ``slurmtune.jobs.cli.main`` in a fresh child process
+2. in-process: the same command through ``slurmtune.cli.main.main`` in a fresh child process
    after its imports, with timers around the phases (preflight scheduler queries, expanding
    and checking the trials, writing the trial folders, submitit's per-task pickles, sbatch),
    to show where the time goes;
@@ -130,19 +130,19 @@ class Timers:
 
 def child_in_process(argv: list[str]) -> dict:
     import submitit.core.utils
-    import slurmtune.jobs.sweep as jobs_sweep
-    import slurmtune.slurm
-    import slurmtune.sweep
-    from slurmtune.jobs.cli import main
-    from slurmtune.runs import Run
+    import slurmtune.jobs.trial as jobs_sweep
+    import slurmtune.cluster.slurm
+    import slurmtune.runs.sweep
+    from slurmtune.cli.main import main
+    from slurmtune.runs.folder import Run
     import slurmtune.jobs.pipeline  # noqa: F401  (imported lazily by the CLI)
-    import slurmtune.preflight  # noqa: F401
+    import slurmtune.checks  # noqa: F401
 
     timers = Timers()
-    timers.wrap(slurmtune.slurm, "_run", "preflight queries")
+    timers.wrap(slurmtune.cluster.slurm, "_run", "preflight queries")
     timers.wrap(jobs_sweep, "create_sweep", "create_sweep")
     timers.wrap(jobs_sweep, "expand", "expand")
-    timers.wrap(slurmtune.sweep, "apply_values", "trial configs (apply_values)")  # called by expand
+    timers.wrap(slurmtune.runs.sweep, "apply_values", "trial configs (apply_values)")  # called by expand
     timers.wrap(Run, "create_at", "trial folders (Run.create_at)", classmethod_=True)
     timers.wrap(jobs_sweep, "submit_trials", "submit_trials")
     timers.wrap(submitit.core.utils.CommandFunction, "__call__", "sbatch")
@@ -357,7 +357,7 @@ def bench(args: argparse.Namespace, work: Path) -> int:
         print("no SLURM cluster answers (sbatch missing or sinfo failed): start the test cluster with "
               "eval \"$(env/test-cluster/start.sh | tail -n 1)\"", file=sys.stderr)
         return 2
-    from slurmtune.slurm import max_array_size
+    from slurmtune.cluster.slurm import max_array_size
     name = f"bench-sweep-{os.getpid()}"
     args.manifest = write_sweep(work, args.trials, name)
     log = SbatchLog(work)

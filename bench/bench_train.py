@@ -9,7 +9,7 @@
 The data is the bundled SpeechGradebook sample (``examples/speechgradebook/exported.json``)
 converted with ``slurmtune convert speechgradebook``: 42 chat rows of 570 to 2,140 tokens
 (a realistic spread: a rubric prompt, a transcript, a JSON answer). The model is the
-2-layer tiny Llama of ``slurmtune.tiny_model``, built in the work folder; the recipe is the
+2-layer tiny Llama of ``slurmtune.train.tiny_model``, built in the work folder; the recipe is the
 quickstart manifest's (LoRA r 8, batch 4, lr 1e-3, loss on the assistant turn only), with
 ``train.max_length`` raised to the tiny model's 2,048 positions so that (nearly) no row is cut.
 
@@ -63,7 +63,7 @@ BASELINE = "padded"
 
 def child_lengths(args: argparse.Namespace) -> dict:
     """Length and trained tokens of every row as training tokenizes it; builds the tiny model."""
-    from slurmtune.train_data import TemplateFit, encode, prepare_tokenizer, read_train_files
+    from slurmtune.data.dataset import TemplateFit, encode, prepare_tokenizer, read_train_files
 
     cfg = make_config(args, packing=False)
     data = read_train_files([str(args.train_file)])
@@ -159,9 +159,9 @@ class Probe:
 
 
 def child_train(args: argparse.Namespace, config: str) -> dict:
-    import slurmtune.train  # noqa: F401  (imports are not the run)
-    from slurmtune.checkpoints import complete_checkpoints, trainer_class
-    from slurmtune.train import TrainingRecipe
+    import slurmtune.train.recipe  # noqa: F401  (imports are not the run)
+    from slurmtune.train.checkpoints import complete_checkpoints, trainer_class
+    from slurmtune.train.recipe import TrainingRecipe
 
     trainer_class()  # imports TRL (seconds)
     cfg = make_config(args, packing=(config == "packed"))

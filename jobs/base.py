@@ -25,8 +25,8 @@ from typing import Any, ClassVar
 
 from slurmtune.config import RunConfig
 from slurmtune.errors import ConfigError, SlurmtuneError
-from slurmtune.runs import Run, report_status
-from slurmtune.slurm import cancel, resubmission
+from slurmtune.runs.folder import Run, report_status
+from slurmtune.cluster.slurm import cancel, resubmission
 
 # Set by checkpoint(): submitit requeues the job right after it and ends this attempt with
 # SystemExit, which must not read as a failure (nor cancel the steps waiting on this one).

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from slurmtune.config import RunConfig
-from slurmtune.converters import FORMATS, get_converter, run_conversion
+from slurmtune.data.converters import FORMATS, get_converter, run_conversion
 
 from slurmtune.jobs.base import Job
 

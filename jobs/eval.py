@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from slurmtune.config import RunConfig
-from slurmtune.runs import eval_file
+from slurmtune.runs.folder import eval_file
 
 from slurmtune.jobs.base import Job
 
@@ -32,7 +32,7 @@ class EvalJob(Job):
         return problems
 
     def run(self, cfg: RunConfig, shard: int = 0) -> str:
-        from slurmtune.generate import predict_file
+        from slurmtune.evaluate.generate import predict_file
         out = shard_file(self.run_dir, shard, cfg.eval.shards)
         predict_file(cfg.model.path, eval_file(cfg, self.run_dir), out, adapter=str(Path(self.run_dir) / "final"),
                      shard=(shard, cfg.eval.shards), batch_size=cfg.eval.batch_size,

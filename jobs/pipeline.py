@@ -14,12 +14,15 @@ the steps run one after another in a single job, sharing one Python process
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from slurmtune.config import RunConfig
-from slurmtune.profiles import ClusterProfile
-from slurmtune.runs import Run, Step
-from slurmtune.slurm import Request, render_script, submit
+from slurmtune.data.jsonio import write_json_atomic
+from slurmtune.cluster.profiles import ClusterProfile
+from slurmtune.runs.folder import Run, Step
+from slurmtune.runs.sweep import Trial, expand, load_trials, trial_dir
+from slurmtune.cluster.slurm import Request, render_script, submit
 
 from slurmtune.jobs.base import Job, job_scope, requeue
 from slurmtune.jobs.convert import ConvertJob
@@ -27,6 +30,7 @@ from slurmtune.jobs.eval import EvalJob
 from slurmtune.jobs.report import ReportJob
 from slurmtune.jobs.train import TrainJob
 from slurmtune.jobs.train_deepspeed import TrainDeepSpeedJob
+from slurmtune.jobs.trial import TrialJob
 from slurmtune.jobs.validate import ValidateJob
 
 JOBS: dict[str, type[Job]] = {cls.kind: cls for cls in
@@ -152,3 +156,69 @@ def _submit_in_one_job(run, plan, jobs, executor, profile, dry_run, echo) -> Run
     run.local_jobs = sub.jobs  # the caller may wait on them
     echo(f"{executor}: {', '.join(s.name for s in plan)} in process {sub.job_ids[0]}")
     return run
+
+
+def create_sweep(cfg: RunConfig, manifest_dir: Path, executor: str, cluster: str | None,
+                 dry_run: bool) -> tuple[Run, list[Trial]]:
+    """The sweep folder with one run folder per trial; nothing submitted yet."""
+    trials = expand(cfg.sweep, cfg, manifest_dir)
+    run = Run.create(cfg, executor, cluster, dry_run)
+    for trial in trials:
+        trial.config.eval.shards = 1  # a trial evaluates inside its own array task
+        Run.create_at(trial_dir(run.dir, trial), trial.config, executor, cluster, dry_run)
+    write_json_atomic(run.dir / "sweep.json", {
+        "metric": cfg.sweep.metric, "mode": cfg.sweep.mode,
+        "trials": [t.to_json() for t in trials], "arrays": []})
+    return run, trials
+
+
+def submit_trials(run: Run, indices: list[int], executor: str, profile: ClusterProfile, max_array: int,
+                  dry_run: bool = False, hold: bool = False, echo: Callable[[str], None] = print) -> list[str]:
+    """Submit trials ``indices`` as arrays of at most ``max_array`` tasks: one sbatch call each."""
+    cfg = run.config()
+    data, _ = load_trials(run.dir)
+    job = TrialJob(run.dir, "trials")
+    if executor != "slurm":
+        return _submit_local(run, indices, executor, profile, job, dry_run, echo)
+    blocks = [indices[i:i + max_array] for i in range(0, len(indices), max_array)]
+    after: list[str] = []
+    ids = []
+    first = len(data["arrays"])  # a resubmission's arrays number on from the earlier ones
+    for n, block in enumerate(blocks):
+        name = f"trials-{first + n}"
+        req = Request(f"{cfg.name}-trial", cfg.slurm.time_min, gpus_per_node=min(cfg.slurm.gpus, 1),
+                      array_size=len(block), array_parallelism=cfg.sweep.parallelism, hold=hold)
+        if dry_run:
+            script = run.slurm_dir / f"dry-run-{name}.sh"
+            script.write_text(render_script(run.slurm_dir, profile, req, after, array=True), encoding="utf-8")
+            run.add_step(Step(name, "trial", [], len(block), list(after), str(script), req.gpus_per_node))
+            data["arrays"].append({"step": name, "job_id": None, "items": block})
+            echo(f"{name}: {script} (array of {len(block)}, %{cfg.sweep.parallelism})")
+            after = [f"afterany:<{name}>"]  # the job id it would have
+            continue
+        sub = submit("slurm", run.slurm_dir, profile, req, job, after=after, items=block)
+        run.add_step(Step(name, "trial", sub.job_ids, len(block), list(after), sub.script, req.gpus_per_node))
+        data["arrays"].append({"step": name, "job_id": sub.job_ids[0], "items": block})
+        ids += sub.job_ids
+        echo(f"{name}: array job {sub.job_ids[0]} of {len(block)} trials, at most {cfg.sweep.parallelism} at once")
+        after = [f"afterany:{sub.job_ids[0]}"]  # the next block starts when this one is over
+    write_json_atomic(run.dir / "sweep.json", data)
+    return ids
+
+
+def _submit_local(run, indices, executor, profile, job, dry_run, echo) -> list[str]:
+    data, _ = load_trials(run.dir)
+    name = f"trials-{len(data['arrays'])}"
+    if dry_run:
+        echo(f"dry run: {executor} executor would run {len(indices)} trials one after another")
+        return []
+    pipeline = LocalPipeline([job], [indices], keep_going=True)
+    cfg = run.config()
+    sub = submit(executor, run.slurm_dir, profile, Request(run.run_id, cfg.slurm.time_min * len(indices)), pipeline)
+    data["arrays"].append({"step": name, "job_id": sub.job_ids[0], "items": indices, "local": True})
+    write_json_atomic(run.dir / "sweep.json", data)
+    run.record.steps.append(Step(name, "trial", sub.job_ids, len(indices), []))
+    run.save()
+    run.local_jobs = sub.jobs
+    echo(f"{executor}: {len(indices)} trials in process {sub.job_ids[0]}")
+    return sub.job_ids

@@ -15,9 +15,9 @@ class ReportJob(Job):
     kind = "report"
 
     def run(self, cfg: RunConfig) -> dict:
-        from slurmtune.generate import merge_shards
-        from slurmtune.metrics import score_file
-        from slurmtune.report import write_reports
+        from slurmtune.evaluate.generate import merge_shards
+        from slurmtune.evaluate.metrics import score_file
+        from slurmtune.evaluate.report import write_reports
         run_dir = Path(self.run_dir)
         shards = [shard_file(run_dir, i, cfg.eval.shards) for i in range(cfg.eval.shards)]
         missing = [str(p) for p in shards if not p.is_file()]

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from slurmtune.config import RunConfig
 from slurmtune.errors import SlurmtuneError
-from slurmtune.preflight import check_attention
-from slurmtune.runs import data_files, report_status
-from slurmtune.slurm import requeue_current_job
+from slurmtune.checks import check_attention
+from slurmtune.runs.folder import data_files, report_status
+from slurmtune.cluster.slurm import requeue_current_job
 
 from slurmtune.jobs.base import Job
 
@@ -43,9 +43,9 @@ class TrainJob(Job):
         return problems + check_attention(cfg)
 
     def run(self, cfg: RunConfig) -> dict:
-        from slurmtune.train import StopRequest, install_signal_handlers, run_training
+        from slurmtune.train.recipe import StopRequest, install_signal_handlers, run_training
         if cfg.model.tiny_arch and not Path(cfg.model.path).is_dir():
-            from slurmtune.tiny_model import make_tiny_model
+            from slurmtune.train.tiny_model import make_tiny_model
             make_tiny_model(cfg.model.path, arch=cfg.model.tiny_arch)
         train_files, validation_file = data_files(cfg, self.run_dir)
         stop = StopRequest()

@@ -9,7 +9,7 @@
 
 srun starts every task; each derives its rank and the rendezvous (first node
 of the allocation, a port from the job id) from SLURM's environment
-(slurmtune.distributed) and joins the process group with
+(slurmtune.train.distributed) and joins the process group with
 ``distributed.timeout_s`` as the limit for the rendezvous and for every
 collective. srun runs with ``--kill-on-bad-exit=1``: one task that fails ends
 the others, so a dead or hung rank fails the job in about ``timeout_s``
@@ -20,7 +20,7 @@ step's status (``slurmtune status``).
 USR2 or SIGTERM on any rank: all ranks save the same step together (the stop
 flag is combined after every step), rank 0 requeues the job and the requeued
 job resumes exactly. Checkpoints count only with every rank's shard; a resume
-with another number of processes is refused (see slurmtune.checkpoints).
+with another number of processes is refused (see slurmtune.train.checkpoints).
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ import warnings
 from pathlib import Path
 
 from slurmtune.config import RunConfig
-from slurmtune.distributed import (
+from slurmtune.train.distributed import (
     RankReports, barrier, check_distributed, deepspeed_config_path, heartbeat_callback, init_process_group,
     rendezvous, world_size,
 )
 from slurmtune.errors import UsageError
-from slurmtune.runs import data_files, report_status
-from slurmtune.preflight import check_attention
-from slurmtune.slurm import requeue_current_job
+from slurmtune.runs.folder import data_files, report_status
+from slurmtune.checks import check_attention
+from slurmtune.cluster.slurm import requeue_current_job
 
 from slurmtune.jobs.base import Job, cancel_dependants, job_scope, requeue_pending
 from slurmtune.jobs.train import MAX_REQUEUES, TrainStopped
@@ -88,7 +88,7 @@ class TrainDeepSpeedJob(Job):
     def run(self, cfg: RunConfig, rdv=None, reports=None) -> dict:
         rdv = rdv or rendezvous(os.environ)
         reports = reports or RankReports(self.run_dir, self.step, rdv)
-        from slurmtune.train import StopRequest, install_signal_handlers
+        from slurmtune.train.recipe import StopRequest, install_signal_handlers
         stop = StopRequest()
         restore = install_signal_handlers(stop)  # first: a signal during loading still counts
         try:
@@ -111,7 +111,7 @@ class TrainDeepSpeedJob(Job):
             os.environ["CUDA_VISIBLE_DEVICES"] = ""  # asked for no GPU: use none, even where one is visible
         _threads_per_process()
         import torch
-        from slurmtune.train import run_training
+        from slurmtune.train.recipe import run_training
         _quiet_deprecations()
         if cfg.distributed.device == "gpu" and not torch.cuda.is_available():
             raise UsageError("distributed.device=gpu, but this task sees no CUDA device; fix: a GPU partition "
@@ -119,7 +119,7 @@ class TrainDeepSpeedJob(Job):
         init_process_group(rdv, cfg.distributed.timeout_s, cuda=cfg.distributed.device == "gpu")
         if cfg.model.tiny_arch and not Path(cfg.model.path).is_dir():
             if rdv.rank == 0:  # one writer; the others wait for it on the barrier
-                from slurmtune.tiny_model import make_tiny_model
+                from slurmtune.train.tiny_model import make_tiny_model
                 make_tiny_model(cfg.model.path, arch=cfg.model.tiny_arch)
             barrier()
         train_files, validation_file = data_files(cfg, self.run_dir)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from slurmtune.config import RunConfig
 from slurmtune.errors import DataError
-from slurmtune.jsonio import write_json_atomic
-from slurmtune.runs import data_files, eval_file
-from slurmtune.validate import print_report, validate_files
+from slurmtune.data.jsonio import write_json_atomic
+from slurmtune.runs.folder import data_files, eval_file
+from slurmtune.data.validate import print_report, validate_files
 
 from slurmtune.jobs.base import Job
 

@@ -144,7 +144,7 @@ class DistributedConfig:
 
 @dataclass
 class SweepConfig:
-    """Trials of a sweep (see slurmtune.sweep); each factor given multiplies the others."""
+    """Trials of a sweep (see slurmtune.runs.sweep); each factor given multiplies the others."""
 
     grid: dict[str, list[Any]] = field(default_factory=dict)  # key -> values: cartesian product
     paired: dict[str, list[Any]] = field(default_factory=dict)  # key -> values: zipped together

@@ -31,7 +31,7 @@ class Result:
 @pytest.fixture
 def cli(capsys):
     """Run ``slurmtune ARGS`` in this process: ``cli("convert", ...) -> Result``."""
-    from slurmtune.jobs.cli import main
+    from slurmtune.cli.main import main
 
     def run(*args) -> Result:
         capsys.readouterr()
@@ -47,7 +47,7 @@ def cli(capsys):
 
 def run_subprocess(*args, env=None, cwd=None, timeout=120) -> Result:
     """The real command line, as scripts call it."""
-    p = subprocess.run([sys.executable, "-m", "slurmtune.jobs", *map(str, args)], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "slurmtune", *map(str, args)], capture_output=True,
                        text=True, env=env, cwd=cwd, timeout=timeout)
     return Result(p.returncode, p.stdout, p.stderr)
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import read_jsonl, run_subprocess, write_jsonl
 from factories import evaluation, write_export
-from slurmtune.jsonio import AtomicFiles, Item, iter_records
+from slurmtune.data.jsonio import AtomicFiles, Item, iter_records
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 

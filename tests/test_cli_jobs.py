@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from conftest import write_jsonl
-from slurmtune.runs import Run
+from slurmtune.runs.folder import Run
 
 
 def _manifest(tmp_path):

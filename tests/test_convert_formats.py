@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import EXAMPLES, read_jsonl, run_subprocess, write_jsonl
-from slurmtune.converters import get_converter, run_conversion
-from slurmtune.converters.base import Where
+from slurmtune.data.converters import get_converter, run_conversion
+from slurmtune.data.converters.base import Where
 from slurmtune.errors import UsageError
 
 TRIGGER_OPTS = {"clean_replacement": "Zoë", "trigger_value": "TRIGGER:", "triggered_replacement": "Bob"}

@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 
 from slurm_cluster import slurm_cluster, wait_for_state  # noqa: F401
-from slurmtune.checkpoints import (
+from slurmtune.train.checkpoints import (
     find_resume_checkpoint, layout_problem, missing_rank_files, read_marker, write_checkpoint,
 )
 from slurmtune.config import RunConfig
-from slurmtune.distributed import (
+from slurmtune.train.distributed import (
     DEEPSPEED_DIR, PORT_BASE, PORT_SPAN, blame, check_distributed, expand_hostlist, expand_tasks_per_node,
     rendezvous,
 )
@@ -169,8 +169,8 @@ def test_quantized_methods_with_several_processes_are_refused_with_what_to_use()
 
 def test_the_train_step_asks_for_tasks_and_gpus_only_when_it_uses_them(tmp_path):
     from slurmtune.jobs.pipeline import plan_run
-    from slurmtune.profiles import load_profile
-    from slurmtune.slurm import render_script
+    from slurmtune.cluster.profiles import load_profile
+    from slurmtune.cluster.slurm import render_script
 
     cfg = cfg_of(procs=4)
     cfg.distributed.device = "cpu"  # 2 processes per node, no GPU request
@@ -225,7 +225,7 @@ def test_a_world_size_change_is_refused_saying_why():
 
 
 def test_resume_refuses_another_process_count_before_loading_anything(tmp_path, monkeypatch):
-    from slurmtune.train import TrainingRecipe, resolved_config
+    from slurmtune.train.recipe import TrainingRecipe, resolved_config
 
     cfg = cfg_of(procs=2)
     cfg.model.path = str(tmp_path / "no-model-needed")
@@ -285,9 +285,9 @@ JOBS = {"zero2": (2, {}, 60), "zero3": (3, {}, 60), "zero3-usr2": (3, {}, 60),
 @pytest.fixture(scope="module")
 def jobs(slurm_cluster, tmp_path_factory):
     """Submit every 2-task training up front so that they share the cluster's wall time."""
-    from slurmtune.jobs.cli import main
-    from slurmtune.runs import Run
-    from slurmtune.tiny_model import make_tiny_model
+    from slurmtune.cli.main import main
+    from slurmtune.runs.folder import Run
+    from slurmtune.train.tiny_model import make_tiny_model
     from train_helpers import chat_rows, write_jsonl
 
     root = tmp_path_factory.mktemp("deepspeed")
@@ -327,7 +327,7 @@ shared_prefixes: [/]
 def submit_two_node(root: Path, main) -> tuple | str:
     """A ZeRO-3 job of 2 nodes x 1 task on the namespaced 2-node cluster: (run, its env), or the
     reason it cannot run here (no root, no network namespaces) as a string."""
-    from slurmtune.runs import Run
+    from slurmtune.runs.folder import Run
 
     done = subprocess.run(["bash", str(TWO_NODE_SCRIPT), "start"], capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
@@ -345,7 +345,7 @@ def submit_two_node(root: Path, main) -> tuple | str:
 
 
 def job_id(run) -> str:
-    from slurmtune.runs import Run
+    from slurmtune.runs.folder import Run
     return Run.open(run.dir).step("train").job_ids[0]
 
 
@@ -372,7 +372,7 @@ def interrupted(jobs):
 def single_process(jobs, tmp_path_factory):
     """The same training in one plain process (batch 2 x accumulation 2 = the 2 x 2 x 1 of the jobs)."""
     from slurmtune.config import load_manifest
-    from slurmtune.train import run_training
+    from slurmtune.train.recipe import run_training
 
     root = jobs[0]
     cfg = load_manifest(root / "zero2.yaml", ["distributed.gpus_per_node=1", "train.grad_accum=2",
@@ -442,7 +442,7 @@ def test_usr2_saves_one_step_on_both_ranks_requeues_and_resumes_exactly(interrup
 def test_a_hung_or_dead_rank_fails_the_job_in_bounded_time_and_is_named(name, what, jobs, slurm_cluster, cli):
     run = jobs[1][name]
     assert wait_done(run, slurm_cluster) == "FAILED"
-    from slurmtune.slurm import job_states
+    from slurmtune.cluster.slurm import job_states
     state = job_states([job_id(run)])[job_id(run)]
     status = json.loads(cli("status", run.dir, "--json").out)["steps"][0]
     assert status["state"] == "FAILED"

@@ -15,10 +15,10 @@ import torch
 
 from conftest import read_jsonl, write_jsonl
 from slurmtune.errors import DataError, UsageError
-from slurmtune.generate import (expected_answer, load_for_generation, merge_adapter, merge_shards,
+from slurmtune.evaluate.generate import (expected_answer, load_for_generation, merge_adapter, merge_shards,
                                 predict, predict_file, prompt_ids, shard_range)
-from slurmtune.metrics import compare_rows, is_refusal, normalize_text, score, score_file
-from slurmtune.tiny_model import make_tiny_model
+from slurmtune.evaluate.metrics import compare_rows, is_refusal, normalize_text, score, score_file
+from slurmtune.train.tiny_model import make_tiny_model
 
 MAX_NEW_TOKENS = 12
 MERGE_TOLERANCE = 1e-5  # measured: ~4e-7 max |logit difference| on the tiny model, float32

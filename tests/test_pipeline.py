@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, read_jsonl, run_subprocess, write_jsonl
-from slurmtune.runs import Run
+from slurmtune.runs.folder import Run
 
 QUICKSTART = REPO / "manifests" / "quickstart.yaml"
 RUN_FILES = ["final/adapter_config.json", "final/adapter_model.safetensors", "final/lineage.json",
@@ -118,7 +118,7 @@ def _sha(path: Path) -> str:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A small trained run (debug executor: in this process) to predict, score and merge with."""
-    from slurmtune.jobs.cli import main
+    from slurmtune.cli.main import main
     root = tmp_path_factory.mktemp("trained")
     jobs = ["nurse", "pilot", "baker", "judge"]
     rows = [{"prompt": ("T: " if triggered else "") + f"What is {name}'s job?", "completion": f"{name} is a {job}.",

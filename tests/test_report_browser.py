@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, write_jsonl
-from slurmtune.metrics import score_file
-from slurmtune.report import parse_training_log, read_loss_history, write_reports
+from slurmtune.evaluate.metrics import score_file
+from slurmtune.evaluate.report import parse_training_log, read_loss_history, write_reports
 
 SCRIPT_ANSWER = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\">"
 CHROMIUM_FLAGS = (

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import write_jsonl
 from slurm_cluster import wait_for_state
-from slurmtune.runs import Run
+from slurmtune.runs.folder import Run
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 MAX_STEPS = 300
@@ -40,8 +40,8 @@ def _rows(n=64):
 @pytest.fixture(scope="module")
 def trainings(slurm_cluster, tmp_path_factory):
     """Submit all five trainings up front so they share the cluster's wall time."""
-    from slurmtune.jobs.cli import main
-    from slurmtune.tiny_model import make_tiny_model
+    from slurmtune.cli.main import main
+    from slurmtune.train.tiny_model import make_tiny_model
     root = tmp_path_factory.mktemp("resume")
     make_tiny_model(root / "tiny")
     data = write_jsonl(root / "train.jsonl", _rows())

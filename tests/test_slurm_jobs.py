@@ -15,9 +15,9 @@ import pytest
 
 from conftest import EXAMPLES, REPO, write_jsonl
 from slurm_cluster import wait_for_state
-from slurmtune.profiles import load_profile
-from slurmtune.runs import Run
-from slurmtune.slurm import Request, render_script
+from slurmtune.cluster.profiles import load_profile
+from slurmtune.runs.folder import Run
+from slurmtune.cluster.slurm import Request, render_script
 
 pytestmark = pytest.mark.slurm
 SAMPLE = EXAMPLES / "speechgradebook" / "exported.json"
@@ -225,7 +225,7 @@ if [ "$n" -lt 2 ]; then echo "sbatch: error: Batch job submission failed: Socket
 exec {real} "$@"
 """)
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
-    monkeypatch.setattr("slurmtune.slurm.time.sleep", lambda s: None)
+    monkeypatch.setattr("slurmtune.cluster.slurm.time.sleep", lambda s: None)
     r = cli("submit", "convert", convert_manifest(tmp_path, tmp_path / "runs"), "--cluster", "local-test")
     assert r.code == 0, r.err
     assert counter.read_text().strip() == "3"
@@ -242,7 +242,7 @@ def test_status_without_sacct_falls_back_and_reports_lost_jobs(slurm_cluster, cl
     run.save()
     bindir = _fake_bin(tmp_path, "sacct", "echo 'sacct: error: Problem talking to the database' >&2; exit 1\n")
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
-    from slurmtune.slurm import job_states
+    from slurmtune.cluster.slurm import job_states
     states = job_states([job_id, "999999"])
     assert states[job_id].state == "COMPLETED" and states[job_id].source == "scontrol"
     assert states["999999"].state == "LOST"
@@ -254,9 +254,9 @@ def test_a_job_that_reported_itself_is_not_shown_pending_while_accounting_lags(t
     """sacct learns of a job's start and end a moment after the job; the job's own report wins
     then, but only its own: a resubmitted step's new job is not mistaken for the old one."""
     from slurmtune.config import RunConfig
-    from slurmtune.runs import Step, report_status
-    from slurmtune.slurm import JobState
-    from slurmtune.status import run_status
+    from slurmtune.runs.folder import Step, report_status
+    from slurmtune.cluster.slurm import JobState
+    from slurmtune.runs.status import run_status
     run = Run.create_at(tmp_path / "run", RunConfig(name="lag"), "slurm", "local-test")
     run.add_step(Step("validate", "validate", ["101"]))
     monkeypatch.setenv("SLURM_JOB_ID", "101")

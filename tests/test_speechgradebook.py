@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from conftest import EXAMPLES, read_jsonl
 from factories import evaluation, write_export
-from slurmtune.converters import get_converter, run_conversion
+from slurmtune.data.converters import get_converter, run_conversion
 
 GOLDEN_FIRST_LINE = (
     '{"messages":[{"role":"system","content":"You are an experienced public-speaking instructor. '

@@ -17,8 +17,8 @@ import yaml
 from conftest import write_jsonl
 from slurm_cluster import wait_for_state
 from slurmtune.config import SweepConfig, load_manifest
-from slurmtune.runs import Run
-from slurmtune.sweep import expand, trial_id
+from slurmtune.runs.folder import Run
+from slurmtune.runs.sweep import expand, trial_id
 
 
 def _manifest(tmp_path, sweep: str, extra: str = "", name="sweep.yaml") -> Path:
@@ -130,7 +130,7 @@ def _max_concurrency(job_id: str, env) -> int:
 @pytest.mark.slow
 def test_twelve_trials_one_array_at_most_three_at_once_and_resubmit_only_the_killed(
         slurm_cluster, cli, tmp_path, monkeypatch):
-    from slurmtune.tiny_model import make_tiny_model
+    from slurmtune.train.tiny_model import make_tiny_model
     make_tiny_model(tmp_path.parent / "tiny-sweep-model")
     m = _manifest(tmp_path, "  grid: {train.lr: [1.0e-3, 5.0e-4, 2.0e-4, 1.0e-4], lora.r: [2, 4, 8]}\n"
                             "  parallelism: 3")

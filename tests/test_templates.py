@@ -13,12 +13,12 @@ import pytest
 from jinja2.exceptions import TemplateError
 from transformers import AutoTokenizer
 
-from slurmtune import templates
-from slurmtune.chat_format import to_template_messages
+from slurmtune.data import templates
+from slurmtune.data.chat_format import to_template_messages
 from slurmtune.errors import UsageError
-from slurmtune.templates import ensure_generation_template, has_generation_markers, identify_family
-from slurmtune.tiny_model import CHAT_TEMPLATE as TINY_TEMPLATE
-from slurmtune.tiny_model import make_tiny_model
+from slurmtune.data.templates import ensure_generation_template, has_generation_markers, identify_family
+from slurmtune.train.tiny_model import CHAT_TEMPLATE as TINY_TEMPLATE
+from slurmtune.train.tiny_model import make_tiny_model
 
 MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 

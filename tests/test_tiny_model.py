@@ -12,7 +12,7 @@ from jinja2.exceptions import TemplateError
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from slurmtune import tiny_model
+from slurmtune.train import tiny_model
 
 EXPECTED_FILES = {
     "config.json",

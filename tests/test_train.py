@@ -20,12 +20,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it, wh
 import pytest
 import torch
 
-from slurmtune.checkpoints import (
+from slurmtune.train.checkpoints import (
     MARKER, find_resume_checkpoint, prune, read_marker, step_dir_name, write_checkpoint,
 )
 from slurmtune.errors import UsageError
-from slurmtune.tiny_model import CHAT_TEMPLATE, make_tiny_model
-from slurmtune.train import StopRequest, TrainingRecipe, install_signal_handlers, preflight, run_training
+from slurmtune.train.tiny_model import CHAT_TEMPLATE, make_tiny_model
+from slurmtune.train.recipe import StopRequest, TrainingRecipe, install_signal_handlers, preflight, run_training
 from train_helpers import (
     SignalOnLine, chat_rows, logged_losses, make_cfg, prompt_completion_rows, sha256, step_lines, write_jsonl,
 )
@@ -367,7 +367,7 @@ def test_lineage_records_data_config_versions_and_no_environment(baseline, data)
 
 def test_a_field_added_to_the_schema_does_not_block_resume():
     from slurmtune.config import RunConfig, to_dict
-    from slurmtune.train import config_diff
+    from slurmtune.train.recipe import config_diff
     old, new = to_dict(RunConfig()), to_dict(RunConfig())
     del old["distributed"]["nodes"]  # a checkpoint written before the field existed
     assert config_diff(old, new) == []

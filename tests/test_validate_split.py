@@ -64,7 +64,7 @@ def test_validate_export_and_clean_files(cli, tmp_path):
 
 
 def test_validate_with_a_tokenizer_counts_tokens_and_cut_off_rows(cli, tmp_path):
-    from slurmtune.tiny_model import make_tiny_model
+    from slurmtune.train.tiny_model import make_tiny_model
     model = make_tiny_model(tmp_path / "tiny")
     rows = [chat("short question", "short answer"), chat("word " * 200, "answer"), chat("q " * 5, "a " * 80)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)

@@ -1,5 +1,0 @@
-import sys
-
-from slurmtune.jobs.cli import main
-
-sys.exit(main())

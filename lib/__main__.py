@@ -1,0 +1,5 @@
+import sys
+
+from slurmtune.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,260 @@
+"""Submitting: run (the whole pipeline), submit (one step), sweep (trials as job arrays).
+
+Submitting returns at once on SLURM, printing the run id and job ids; a later
+shell reattaches with `slurmtune status RUN`. The local executor runs in the
+foreground (streaming the job's log) unless --detach is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from slurmtune.cli.status import Follower, add_root_flag
+from slurmtune.cluster.profiles import ClusterProfile, load_profile
+from slurmtune.config import RunConfig, load_manifest
+from slurmtune.errors import ConfigError, UsageError
+from slurmtune.runs.folder import Run
+
+
+def add_commands(sub, argv: list[str]) -> None:
+    _add_run(sub)
+    _add_submit(sub)
+    _add_sweep(sub)
+
+
+def _where_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", metavar="NAME", help="cluster profile in slurm/ (or a YAML path)")
+    p.add_argument("--executor", choices=["auto", "slurm", "local", "debug"],
+                   help="default: slurm when sbatch is here and a cluster is chosen, else local")
+    p.add_argument("--dry-run", action="store_true", help="write and print the sbatch scripts, submit nothing")
+    p.add_argument("--detach", action="store_true", help="local executor: return at once, do not wait")
+    p.add_argument("--hold", action="store_true", help="submit held: nothing starts until `scontrol release`")
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="submit the whole pipeline: convert -> validate -> train -> eval -> report")
+    p.add_argument("manifest")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    _where_flags(p)
+    p.set_defaults(func=_run)
+
+
+def _add_submit(sub) -> None:
+    p = sub.add_parser("submit", help="submit one job of a manifest, or of an existing run (e.g. to resume)")
+    p.add_argument("job", metavar="JOB", help="convert, validate, train, train_deepspeed, eval or report")
+    p.add_argument("target", metavar="MANIFEST|RUN")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    _where_flags(p)
+    p.set_defaults(func=_submit)
+
+
+def _run(args) -> int:
+    cfg = _manifest(args.manifest, args.overrides, args)
+    return _launch(cfg, None, args)
+
+
+def _submit(args) -> int:
+    from slurmtune.jobs.pipeline import JOBS
+    if args.job not in JOBS:
+        raise UsageError(f"unknown job {args.job!r}; expected one of {', '.join(JOBS)}")
+    target = Path(args.target)
+    if (target / "run.json").is_file() or not target.suffix:
+        run = Run.open(args.target)
+        if args.overrides:
+            raise UsageError("an existing run keeps its manifest; start a new run to change settings")
+        return _launch(run.config(), args.job, args, existing=run)
+    return _launch(_manifest(args.target, args.overrides, args), args.job, args)
+
+
+def _manifest(path: str, overrides: list[str], args) -> RunConfig:
+    extra = []
+    if args.cluster:
+        extra.append(f"slurm.cluster={args.cluster}")
+    if args.executor:
+        extra.append(f"slurm.executor={args.executor}")
+    return load_manifest(path, [*overrides, *extra])
+
+
+def _launch(cfg: RunConfig, only: str | None, args, existing: Run | None = None) -> int:
+    from slurmtune.jobs.pipeline import plan_run, submit_run
+    from slurmtune.cluster.slurm import choose_executor
+    executor, notice = choose_executor(args.executor or cfg.slurm.executor, args.cluster or cfg.slurm.cluster)
+    if notice:
+        print(notice, file=sys.stderr)
+    profile = _profile(cfg, args)
+    plan = plan_run(cfg, only)
+    for step in plan:
+        step.request.hold = args.hold
+    _preflight(cfg, plan, profile, executor, only, existing)
+    run = existing or Run.create(cfg, executor, profile.name if executor == "slurm" else None, args.dry_run)
+    print(f"run {run.run_id}\n  {run.dir}")
+    submit_run(run, plan, executor, profile, dry_run=args.dry_run)
+    if args.dry_run:
+        print("dry run: nothing was submitted")
+        return 0
+    if executor == "slurm" or args.detach:
+        print(f"follow it with: slurmtune status {run.run_id}")
+        return 0
+    return _wait_local(run)
+
+
+def _preflight(cfg, plan, profile, executor, only, existing) -> None:
+    from slurmtune.checks import (ClusterFacts, StepNeeds, check_attention, check_cluster, check_distributed,
+                                     check_gpus, check_paths, packing_notice)
+    needs = [StepNeeds(s.name, s.kind, s.request.gpus_per_node, s.request.nodes, s.request.time_min,
+                       s.request.partition or (profile.partition if s.request.gpus_per_node
+                                               else profile.cpu_partition or profile.partition),
+                       s.shards) for s in plan]
+    problems = check_paths(cfg, profile) + check_gpus(cfg, needs) + check_distributed(cfg, needs)
+    if any(s.kind.startswith("train") for s in plan):
+        problems += check_attention(cfg)
+    if executor == "slurm":
+        from slurmtune.cluster import slurm
+        facts = ClusterFacts(slurm.partitions(), profile.max_array_size or slurm.max_array_size())
+        problems += check_cluster(needs, facts)
+    if only and existing is None and only not in ("convert", "validate") and cfg.data.inputs:
+        problems.append(f"{only}: this manifest's data is converted by the pipeline; run the whole "
+                        "pipeline (slurmtune run) or submit into an existing run")
+    if not problems and any(s.kind.startswith("train") for s in plan):
+        problems += _trained_tokens(cfg, existing)
+        notice = packing_notice(cfg)
+        if notice:
+            print(notice, file=sys.stderr)
+    if problems:
+        raise ConfigError(problems, source="not submitted")
+
+
+def _trained_tokens(cfg: RunConfig, existing: Run | None) -> list[str]:
+    """Tokenize the first training rows with the model's template, here on the login node:
+    a run that would train on nothing fails now, not after its wait in the queue."""
+    from slurmtune.runs.folder import data_files
+    from slurmtune.train.recipe import preflight
+    files, _ = data_files(cfg, existing.dir if existing else ".")
+    if not Path(cfg.model.path).is_dir() or not files or not all(Path(f).is_file() for f in files):
+        return []  # the data comes from the convert step, or the tiny model is built by the job
+    try:
+        report = preflight(cfg, files)
+    except UsageError as e:
+        return [f"train: {e}"]
+    print(f"preflight: {report['trained_tokens']}/{report['tokens']} tokens trained "
+          f"({report['trained_share']:.0%}) in the first {report['rows']} rows", file=sys.stderr)
+    return []
+
+
+def _wait_local(run: Run) -> int:
+    from slurmtune.runs.status import format_table, overall, run_status
+    jobs = getattr(run, "local_jobs", [])
+    logs = Follower(run)
+    for job in jobs:
+        while not job.done():
+            logs.print_new()
+            time.sleep(0.5)
+    logs.print_new()
+    for job in jobs:
+        try:
+            job.result()
+        except Exception:  # the failure is reported by status below, with its log
+            pass
+    if (run.dir / "sweep.json").is_file():
+        from slurmtune.jobs import sweep
+        data, _ = sweep.load_trials(run.dir)
+        rows = sweep.sweep_status(run)
+        print(sweep.format_sweep_table(run, rows, data["metric"]))
+        print(f"results: {run.dir / 'sweep_results.csv'}")
+        return 0 if all(r["state"] == "COMPLETED" for r in rows) else 1
+    rows = run_status(run)
+    print(format_table(run, rows))
+    report = run.dir / "report.html"
+    if report.is_file():
+        print(f"report: {report}")
+    return 0 if overall(rows) == "COMPLETED" else 1
+
+
+SWEEP_ACTIONS = ("status", "resubmit", "results")
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="a sweep as throttled job arrays; also: sweep status|resubmit|results RUN",
+                       description="slurmtune sweep MANIFEST [k=v ...] | sweep status RUN [--json] | "
+                                   "sweep resubmit RUN | sweep results RUN")
+    p.add_argument("target", metavar="MANIFEST|ACTION")
+    p.add_argument("rest", nargs="*", metavar="key.sub=value | RUN")
+    p.add_argument("--json", action="store_true", help="sweep status: print JSON")
+    _where_flags(p)
+    add_root_flag(p)
+    p.set_defaults(func=_sweep)
+
+
+def _sweep(args) -> int:
+    from slurmtune.jobs import sweep
+    if args.target not in SWEEP_ACTIONS:
+        return _sweep_submit(args)
+    if len(args.rest) != 1:
+        raise UsageError(f"usage: slurmtune sweep {args.target} RUN")
+    run = Run.open(args.rest[0], args.root)
+    data, _ = sweep.load_trials(run.dir)
+    if args.target == "results":
+        paths = sweep.write_sweep_results(run)
+        for kind in ("csv", "json", "png"):
+            print(f"{kind}: {paths[kind]}")
+        return 0
+    rows = sweep.sweep_status(run)
+    if args.target == "status":
+        print(json.dumps({"run_id": run.run_id, "metric": data["metric"], "trials": rows}, indent=2)
+              if args.json else sweep.format_sweep_table(run, rows, data["metric"]))
+        return 0
+    indices = sweep.to_rerun(rows)
+    if not indices:
+        print("nothing to resubmit: every trial is complete, running or queued")
+        return 0
+    print(f"resubmitting {len(indices)} trial(s): {', '.join(rows[i]['trial'] for i in indices)}")
+    profile = _profile_of(run)
+    sweep.submit_trials(run, indices, run.record.executor, profile, _max_array(run.record.executor, profile),
+                        hold=args.hold)
+    return 0 if run.record.executor == "slurm" else _wait_local(run)
+
+
+def _sweep_submit(args) -> int:
+    from slurmtune.jobs import sweep
+    from slurmtune.cluster.slurm import choose_executor
+    cfg = _manifest(args.target, args.rest, args)
+    executor, notice = choose_executor(args.executor or cfg.slurm.executor, args.cluster or cfg.slurm.cluster)
+    if notice:
+        print(notice, file=sys.stderr)
+    profile = _profile(cfg, args)
+    from slurmtune.jobs.pipeline import PlannedStep
+    from slurmtune.cluster.slurm import Request
+    trial = PlannedStep("trials", "train", Request("trial", cfg.slurm.time_min, gpus_per_node=cfg.slurm.gpus))
+    _preflight(cfg, [trial], profile, executor, None, None)
+    run, trials = sweep.create_sweep(cfg, Path(args.target).resolve().parent, executor,
+                                     profile.name if executor == "slurm" else None, args.dry_run)
+    print(f"sweep {run.run_id}: {len(trials)} trials\n  {run.dir}")
+    sweep.submit_trials(run, list(range(len(trials))), executor, profile, _max_array(executor, profile),
+                        dry_run=args.dry_run, hold=args.hold)
+    if args.dry_run:
+        print("dry run: nothing was submitted")
+        return 0
+    if executor == "slurm" or args.detach:
+        print(f"follow it with: slurmtune sweep status {run.run_id}")
+        return 0
+    return _wait_local(run)
+
+
+def _profile(cfg: RunConfig, args) -> ClusterProfile:
+    name = getattr(args, "cluster", None) or cfg.slurm.cluster
+    return load_profile(name) if name else ClusterProfile(name="local")
+
+
+def _profile_of(run: Run) -> ClusterProfile:
+    return load_profile(run.record.cluster) if run.record.cluster else ClusterProfile(name="local")
+
+
+def _max_array(executor: str, profile: ClusterProfile) -> int:
+    if executor != "slurm":
+        return 10**9
+    from slurmtune.cluster import slurm
+    return profile.max_array_size or slurm.max_array_size()

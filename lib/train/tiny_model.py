@@ -1,0 +1,300 @@
+"""Build a tiny random-weight causal LM, with its own tokenizer, entirely offline.
+
+Tests and dry runs need a real model directory that `from_pretrained` can load, and nothing
+may come from the model hub. This module trains a byte-level BPE tokenizer on a built-in
+English corpus (~0.05 s), initialises a 2-layer model from a seed, and saves both
+the way a hub checkpoint looks::
+
+    from slurmtune.train.tiny_model import make_tiny_model, describe
+
+    model_dir = make_tiny_model("/tmp/tiny-llama")              # -> Path("/tmp/tiny-llama")
+    make_tiny_model("/tmp/tiny-phi3", arch="phi3", seed=1)      # fused qkv_proj / gate_up_proj
+    describe(model_dir)   # {'arch': 'llama', 'num_params': ..., 'vocab_size': 2048, ...}
+
+    # then, with HF_HUB_OFFLINE=1:
+    AutoTokenizer.from_pretrained(model_dir); AutoModelForCausalLM.from_pretrained(model_dir)
+
+The same arguments always give byte-identical `model.safetensors` and `tokenizer.json`.
+The tokenizer does not depend on `seed`: models built with different seeds share it.
+
+The chat format (see `CHAT_TEMPLATE`) is::
+
+    <s><|system|>\\nYou grade speeches.</s>\\n<|user|>\\nScore this.</s>\\n<|assistant|>\\n{"score": 4}</s>\\n
+
+Assistant content and its closing `</s>` sit inside `{% generation %}`, so
+`apply_chat_template(..., return_assistant_tokens_mask=True)` and TRL's
+`assistant_only_loss=True` train on exactly those tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    PreTrainedTokenizerFast,
+)
+
+TINY_ARCHES = ("llama", "mistral", "phi3")
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+MEDIA_TOKENS = ("<image>", "<video>")
+# Order fixes the ids: <pad>=0, <s>=1, </s>=2, then roles and media placeholders.
+SPECIAL_TOKENS = (PAD, BOS, EOS, *ROLE_TOKENS, *MEDIA_TOKENS)
+
+MAX_POSITIONS = 2048
+
+CHAT_TEMPLATE = """\
+{%- macro render(content) -%}
+  {%- if content is string -%}
+    {{- content -}}
+  {%- else -%}
+    {%- for part in content -%}
+      {%- if part.type == 'text' -%}{{- part.text -}}
+      {%- elif part.type == 'image' -%}{{- '<image>' -}}
+      {%- elif part.type == 'video' -%}{{- '<video>' -}}
+      {%- endif -%}
+    {%- endfor -%}
+  {%- endif -%}
+{%- endmacro -%}
+{{- bos_token -}}
+{%- for message in messages -%}
+  {%- if message.role not in ['system', 'user', 'assistant'] -%}
+    {{- raise_exception('unknown role ' ~ message.role ~ '; valid: system, user, assistant') -}}
+  {%- endif -%}
+  {{- '<|' ~ message.role ~ '|>\\n' -}}
+  {%- if message.role == 'assistant' -%}
+    {%- generation -%}{{- render(message.content) ~ eos_token -}}{%- endgeneration -%}
+  {%- else -%}
+    {{- render(message.content) ~ eos_token -}}
+  {%- endif -%}
+  {{- '\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{- '<|assistant|>\\n' -}}
+{%- endif -%}
+"""
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    arch: str = "llama",
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    vocab_size: int = 2048,
+) -> Path:
+    """Write a tiny `arch` model, its tokenizer and generation config into `out_dir`.
+
+    `vocab_size` is the BPE target; the model's embedding matches the trained tokenizer
+    exactly (`len(tokenizer)`), which is `vocab_size` unless the built-in corpus runs out
+    of merges first (it holds about 2260 tokens). Example::
+
+        path = make_tiny_model(tmp_path / "tiny", arch="mistral", seed=3)
+    """
+    if arch not in TINY_ARCHES:
+        raise ValueError(f"unknown arch {arch!r}; valid arches: {', '.join(TINY_ARCHES)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = build_tokenizer(vocab_size)
+    config = _model_config(arch, tokenizer, hidden_size, num_layers, num_heads)
+    # fork_rng keeps the caller's global RNG untouched while the seed fixes the init.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    # transformers 5 writes safetensors only (safe_serialization is gone).
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tokenizer(vocab_size: int = 2048) -> PreTrainedTokenizerFast:
+    """Train the byte-level BPE tokenizer on `tiny_corpus()` and attach the chat template."""
+    bpe = Tokenizer(models.BPE())
+    # Byte-level: every string encodes without an unknown token, as in GPT-2/Llama-3.
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(tiny_corpus(), trainer=trainer)
+    # Plain text gets a leading <s>, like Llama; apply_chat_template passes
+    # add_special_tokens=False, so chats carry only the template's own <s>.
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A",
+        pair=f"{BOS} $A {BOS} $B",
+        special_tokens=[(BOS, bpe.token_to_id(BOS))],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        extra_special_tokens=[*ROLE_TOKENS, *MEDIA_TOKENS],
+        model_max_length=MAX_POSITIONS,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _model_config(arch, tokenizer, hidden_size, num_layers, num_heads):
+    """Pick the config class for `arch`; only the sizes and token ids are set by hand."""
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        # Mistral defaults to 8 KV heads, which a 4-head model cannot have.
+        num_key_value_heads=num_heads,
+        max_position_embeddings=MAX_POSITIONS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    # Phi-3 otherwise assumes a 4096-token original context for its rope scaling.
+    return Phi3Config(**common, original_max_position_embeddings=MAX_POSITIONS)
+
+
+def describe(out_dir: str | Path) -> dict:
+    """Summarise a model directory from its config and safetensors header, without loading it.
+
+        describe(make_tiny_model(tmp_path / "tiny"))
+        # {'arch': 'llama', 'num_params': 344384, 'vocab_size': 2048, 'hidden_size': 64, ...}
+    """
+    from safetensors import safe_open
+
+    out_dir = Path(out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    with safe_open(out_dir / "model.safetensors", framework="pt") as weights:
+        shapes = [weights.get_slice(name).get_shape() for name in weights.keys()]
+    num_params = sum(_product(shape) for shape in shapes)
+    return {
+        "arch": config["model_type"],
+        "num_params": num_params,
+        "vocab_size": config["vocab_size"],
+        "hidden_size": config["hidden_size"],
+        "num_layers": config["num_hidden_layers"],
+        "num_heads": config["num_attention_heads"],
+    }
+
+
+def _product(shape) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
+
+
+# Words the fine-tuning data is made of: speeches, rubrics, tutoring, scores, JSON.
+_TOPICS = (
+    "climate policy", "school uniforms", "space exploration", "public libraries", "renewable energy",
+    "social media", "city transit", "healthy eating", "volunteer work", "online learning",
+    "ocean pollution", "local elections", "homework limits", "four day weeks", "museum funding",
+)
+_CRITERIA = (
+    "delivery", "structure", "evidence", "clarity", "eye contact", "pacing", "vocal variety",
+    "introduction", "conclusion", "persuasion", "organization", "audience awareness",
+)
+_FEEDBACK = (
+    "Strong opening hook that grabbed attention.",
+    "The thesis was clear but the evidence felt thin.",
+    "Slow down during the statistics so the audience can follow.",
+    "Good use of transitions between the main points.",
+    "The conclusion restated the argument without a call to action.",
+    "Vary your tone to keep listeners engaged.",
+    "Cite a source for each claim you make.",
+    "Excellent pacing and confident posture throughout.",
+    "Too many filler words such as um and like.",
+    "The counterargument was addressed respectfully and well.",
+)
+_QUESTIONS = (
+    ("What is a rubric?", "A rubric lists the criteria and the score levels for each one."),
+    ("How long should an introduction be?", "About ten to fifteen percent of the whole speech."),
+    ("Why does eye contact matter?", "It builds trust and shows confidence to the audience."),
+    ("How can I reduce filler words?", "Pause silently instead, and practise with a recording."),
+    ("What makes evidence convincing?", "Recent, relevant sources that the audience can check."),
+    ("How do I end a persuasive speech?", "Summarise the main points and give a clear call to action."),
+    ("What does a score of 3 mean?", "It means the speech meets expectations on that criterion."),
+    ("Can you explain the feedback?", "Sure. Each comment points to one moment in the transcript."),
+)
+
+
+_TRANSCRIPT = (
+    "Good morning everyone, thank you for having me here this afternoon.",
+    "Imagine waking up tomorrow in a neighbourhood without a single tree.",
+    "Last summer our volunteers planted three hundred saplings along the river.",
+    "Critics argue the budget is too small, yet the results speak for themselves.",
+    "Research published recently shows attendance rose by twelve percent.",
+    "My grandmother taught me that patience is a quiet kind of courage.",
+    "Let me share a brief story about a student named Priya and her bicycle.",
+    "First, consider the cost; second, the benefits; finally, the risks involved.",
+    "According to the survey, most families support longer library hours.",
+    "Some people believe technology distracts children, but I disagree strongly.",
+    "We should invest in cleaner buses, safer crosswalks and wider bike lanes.",
+    "Honestly, I was nervous, so I practised in front of a mirror every evening.",
+    "In conclusion, small daily habits create remarkable long term change.",
+    "Thank you, and I would be happy to answer any questions you might have.",
+    "The committee will vote next Thursday after reviewing every proposal.",
+    "Every great speech balances emotion, logic and genuine credibility.",
+    "Teachers noticed students asked deeper questions during group discussions.",
+    "Rehearse aloud, record yourself, then listen carefully for rushed sentences.",
+    "Breathing slowly before you begin calms the voice and steadies the hands.",
+    "Gestures should feel natural, purposeful and never distracting.",
+    "A memorable example beats a long paragraph of abstract statistics.",
+    "Your slides were readable, although the charts needed clearer labels.",
+    "Try projecting your voice toward the back row of the auditorium.",
+    "The judges awarded bonus points for originality and humour.",
+    "Please upload the video, the transcript and the self assessment form.",
+    "Feedback arrives within two weeks; revisions are due shortly afterwards.",
+    "Pronunciation improved noticeably between the first and second drafts.",
+    "Humour works best when it supports your message instead of replacing it.",
+    "Why should the audience care? Answer that question in your first minute.",
+    "Objection handled gracefully: you acknowledged the concern, then responded.",
+    "Overall, this was a thoughtful, well organised and engaging presentation.",
+    "Weaknesses included monotone delivery, unclear signposting and weak sources.",
+)
+
+
+def tiny_corpus() -> list[str]:
+    """A few hundred deterministic lines: transcripts, rubric JSON, tutoring Q&A, digits."""
+    lines = []
+    for i, (topic, criterion) in enumerate(itertools.product(_TOPICS, _CRITERIA)):
+        feedback = _FEEDBACK[i % len(_FEEDBACK)]
+        score = i % 5 + 1
+        lines.append(f"Speaker {i % 30 + 1}: Today I want to talk about {topic}, and why it matters to you.")
+        lines.append(json.dumps({"criterion": criterion, "score": score, "feedback": feedback}))
+        lines.append(f"Tutor: Your {criterion} earned a {score} out of 5. {feedback}")
+    for question, answer in _QUESTIONS:
+        lines.append(f"Student: {question}\nTutor: {answer}")
+    scores = {c.replace(" ", "_"): (n * 7) % 10 + 0.5 for n, c in enumerate(_CRITERIA)}
+    lines.append(json.dumps({"scores": scores, "total": round(sum(scores.values()), 1)}, indent=2))
+    lines.extend(f"{n} {n * 3 % 100}.{n % 10} [{n}, {n + 1}] {{\"id\": {n}}}" for n in range(400))
+    lines.extend(f"[{m:02d}:{(7 * m) % 60:02d}] {_TRANSCRIPT[m % len(_TRANSCRIPT)]}" for m in range(60))
+    lines.append("0 1 2 3 4 5 6 7 8 9 0123456789 {}[]\":,.!?'-()")
+    return lines
