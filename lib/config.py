@@ -5,179 +5,226 @@ overrides fill them in.
 
     cfg = load_manifest("manifests/quickstart.yaml", ["train.lr=2e-4", "lora.r=8"])
     cfg.train.lr        # 0.0002
-    print(to_yaml(cfg))  # what `slurmtune config` prints
+    print(to_yaml(cfg))  # what `slurmtune config` prints (to_yaml, value_problems: slurmtune.schema)
+    value_problems(cfg)  # [] or e.g. ["train.lr: -1.0; expected a positive learning rate"]
+    trial = apply_values(cfg, {"train.lr": 5e-5})  # a sweep trial: typed values by dotted key
 
-Every field's default and meaning is written once, here. A key the schema does
-not know is an error listing the valid keys of its section; a value of the
-wrong type is an error naming the key, the value and the expected type. All
-problems of a manifest are collected and reported together.
+Every field's default, meaning and constraints are written once, here, as the
+field is declared (``field_(default, "doc", at_least(1))``); ``slurmtune config
+--explain [KEY]`` prints them. A key the schema does not know is an error naming
+the close match and listing the valid keys of its section, whether it comes from a
+manifest, the command line or a sweep; a value of the wrong type is an error
+naming the key, the value and the expected type. All problems of a manifest are
+collected and reported together. Types are checked as values are set (a wrong
+type is never stored); values that break a constraint are reported apart by
+``value_problems`` (some constraints read another field of the section:
+``train.save_steps`` is free with ``train.save_each_epoch``), which the
+login-node checks run along with the paths and resources. ``schema.build`` does
+both, for schemas with no such later check (cluster profiles).
 
 Relative paths in a manifest are relative to the manifest's own folder (so a
-manifest works from any working directory); relative paths given as overrides
-on the command line are relative to the working directory, as the shell user
-expects.
+manifest works from any working directory), and so are those of its sweep's
+trials; relative paths given as overrides on the command line are relative to
+the working directory, as the shell user expects.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import functools
-import types
-import typing
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from slurmtune.errors import ConfigError, UsageError
+from slurmtune.schema import SAFE_LOADER, Rule, above, at_least, field_, fill, non_empty, section, set_value, share
 
 
-# libyaml's loader when present: 10x faster than the pure-Python one, same results.
-SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml: same text, ~10x faster
-
-
-def _path(default=None, doc: str = ""):
-    """A field holding a filesystem path (resolved against the manifest's folder)."""
-    return field(default=default, metadata={"path": True, "doc": doc})
-
-
-def _paths(doc: str = ""):
-    return field(default_factory=list, metadata={"path": True, "doc": doc})
-
+# --- the schema ----------------------------------------------------------------------
 
 @dataclass
 class DataConfig:
     """What the run converts, trains on and evaluates on."""
 
-    format: str = "chat"  # converter of `inputs` (see `slurmtune convert --help`)
-    inputs: list[str] = _paths("raw source files for the convert step")
-    options: dict[str, str] = field(default_factory=dict)  # converter options, e.g. clean_replacement
-    split: float | None = None  # share of converted rows kept for training; the rest validates
-    on_error: Literal["fail", "skip"] = "fail"  # invalid source rows: stop, or drop them (rejected.jsonl)
-    train_files: list[str] = _paths("canonical chat / prompt-completion training files")
-    validation_file: str | None = _path(doc="file for validation loss and early stopping")
-    eval_file: str | None = _path(doc="file the eval array generates answers for")
-    seed: int = 42  # seed of every split and shuffle of the data
+    format: str = field_("chat", "format of `inputs`: chat, prompt-completion, alpaca or a course export "
+                                 "(see `slurmtune convert --help`)")
+    inputs: list[str] = field_([], "raw source files the convert step turns into training records", path=True)
+    options: dict[str, str] = field_({}, "options of the format's converter, e.g. clean_replacement "
+                                         "(see `slurmtune convert FORMAT --help`)")
+    split: float | None = field_(None, "share of the converted rows kept for training (e.g. 0.9), never "
+                                       "splitting a student; the rest validates. null: no split",
+                                 share("a share between 0 and 1 (e.g. 0.9), or null", zero=False))
+    on_error: Literal["fail", "skip"] = field_("fail", "invalid source rows: fail stops the convert step; "
+                                                       "skip drops them and lists them in rejected.jsonl")
+    train_files: list[str] = field_([], "canonical chat / prompt-completion files to train on", path=True)
+    validation_file: str | None = field_(None, "file for validation loss and early stopping", path=True)
+    eval_file: str | None = field_(None, "file the eval array generates answers for and scores", path=True)
+    seed: int = field_(42, "seed of every split and shuffle of the data")
 
 
 @dataclass
 class ModelConfig:
     """The base model. Compute nodes are offline: a local folder or HF cache path."""
 
-    path: str = _path("", doc="local model folder or Hugging Face cache snapshot")
-    tiny_arch: str | None = None  # build a random tiny model at `path` when missing (demos, tests)
-    chat_template: str | None = _path(doc="Jinja chat template file that replaces the model's")
-    # The attention kernel for training. Packing only pays with one that skips the other rows of a
-    # packed batch (flash_attention_2, flex_attention: GPU only); sdpa computes the whole block.
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    path: str = field_("", "local model folder or Hugging Face cache snapshot (download it first on the "
+                           "login node: `slurmtune fetch-model NAME`)", path=True)
+    tiny_arch: str | None = field_(None, "build a random tiny model of this architecture (llama, mistral, "
+                                         "phi3) at `path` when none is there: demos and tests")
+    chat_template: str | None = field_(None, "Jinja chat template file that replaces the model's own",
+                                       path=True)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = field_(
+        "sdpa", "attention kernel for training. Packing only pays with one that skips the other rows of a "
+                "packed batch (flash_attention_2, flex_attention: GPU only); sdpa computes the whole block")
 
 
 @dataclass
 class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """The adapter trained on top of the frozen base model."""
+
+    r: int = field_(16, "rank of the adapter's matrices: more is more capacity, memory and time", at_least(1))
+    alpha: int = field_(32, "scale of the adapter's update (alpha / r); commonly 2 x r",
+                        above(0, "a positive number"))
+    dropout: float = field_(0.05, "dropout on the adapter's input while training",
+                            share("a value in [0, 1)"))
+    target_modules: list[str] = field_(["q_proj", "k_proj", "v_proj", "o_proj"],
+                                       "names of the base model's linear layers that get an adapter",
+                                       non_empty("module names such as q_proj, v_proj"))
 
 
 @dataclass
 class TrainConfig:
-    """Defaults follow the course-assistant recipe (2 epochs, batch 1 x 8, lr 1e-4)."""
+    """How the adapter is trained. Defaults follow the course-assistant recipe (2 epochs, batch 1 x 8,
+    lr 1e-4)."""
 
-    method: Literal["qlora", "lora-8bit", "lora"] = "qlora"
-    epochs: float = 2.0
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 1  # per device
-    grad_accum: int = 8
-    lr: float = 1e-4
-    warmup_ratio: float = 0.03
-    max_length: int = 1024  # tokens; longer rows are truncated (see `slurmtune validate --tokenizer`)
-    packing: bool = False  # padding-free batches of several rows
-    loss_on: Literal["assistant", "all"] = "assistant"
-    early_stopping_patience: int = 3  # evaluations without improvement; used with a validation file
-    save_steps: int = 50
-    save_each_epoch: bool = False
-    keep_last: int = 2  # complete checkpoints kept on disk
-    seed: int = 42
-    resume: Literal["auto", "never", "force"] = "auto"
+    method: Literal["qlora", "lora-8bit", "lora"] = field_(
+        "qlora", "base weights while training: qlora 4-bit (least memory), lora-8bit 8-bit, lora unquantized")
+    epochs: float = field_(2.0, "passes over the training data (fractions allowed); max_steps > 0 overrides it",
+                           Rule(lambda v, t: v > 0 or t.max_steps > 0, "epochs > 0 or max_steps > 0",
+                                problem="{key} and {prefix}max_steps: expected {expected}"))
+    max_steps: int = field_(-1, "optimizer steps to train; > 0 overrides epochs, -1 trains for epochs")
+    batch_size: int = field_(1, "rows per device in each forward pass", at_least(1))
+    grad_accum: int = field_(8, "forward passes per optimizer step: samples per step = batch_size x "
+                                "grad_accum x processes", at_least(1))
+    lr: float = field_(1e-4, "peak learning rate: reached after the warmup, then decayed linearly to 0",
+                       above(0, "a positive learning rate"))
+    warmup_ratio: float = field_(0.03, "share of the training steps over which the learning rate rises "
+                                       "from 0 to lr", share())
+    max_length: int = field_(1024, "tokens per row; longer rows are truncated (see `slurmtune validate "
+                                   "--tokenizer`)", at_least(1, "1 or more tokens"))
+    packing: bool = field_(False, "padding-free batches of several rows (pays with model.attn_implementation "
+                                  "flash_attention_2 or flex_attention)")
+    loss_on: Literal["assistant", "all"] = field_("assistant", "tokens the loss is computed on: the "
+                                                               "assistant's answers, or all of each row")
+    early_stopping_patience: int = field_(3, "evaluations without a better validation loss before training "
+                                             "stops; used with a validation file", at_least(1))
+    save_steps: int = field_(50, "optimizer steps between checkpoints (and validation-loss evaluations)",
+                             at_least(1, unless="save_each_epoch"))
+    save_each_epoch: bool = field_(False, "checkpoint (and evaluate) at the end of each epoch instead of "
+                                          "every save_steps")
+    keep_last: int = field_(2, "complete checkpoints kept on disk; a requeued job resumes from the newest",
+                            at_least(1, "1 or more (resume needs a checkpoint)"))
+    seed: int = field_(42, "seed of the adapter's initialization and of the training order")
+    resume: Literal["auto", "never", "force"] = field_(
+        "auto", "auto: continue from the newest complete checkpoint, if any; never: refuse a run folder that "
+                "holds checkpoints; force: continue even though the config changed")
 
 
 @dataclass
 class EvalConfig:
-    shards: int = 1  # array tasks the eval set is split into
-    array_parallelism: int = 4  # at most this many shards run at once (%K)
-    max_new_tokens: int = 256
-    batch_size: int = 8
-    normalize: bool = True  # exact match ignores case and surrounding whitespace
+    """How the eval array generates answers for the eval set and scores them."""
+
+    shards: int = field_(1, "array tasks the eval set is split into", at_least(1))
+    array_parallelism: int = field_(4, "at most this many shards run at once (%K of the array)", at_least(1))
+    max_new_tokens: int = field_(256, "tokens generated per answer, at most", at_least(1))
+    batch_size: int = field_(8, "prompts generated together in each shard", at_least(1))
+    normalize: bool = field_(True, "exact match ignores case, runs of whitespace and trailing punctuation")
 
 
 @dataclass
 class SlurmConfig:
     """Where and how jobs run. Site facts (partition, account, ...) live in slurm/ profiles."""
 
-    cluster: str | None = None  # profile name in slurm/ (e.g. local-test) or a YAML path
-    executor: Literal["auto", "slurm", "local", "debug"] = "auto"
-    time_min: int = 60  # wall time of the train job
-    gpus: int = 1  # per node, for the train job
-    cpus_per_gpu: int | None = None  # default: the profile's
-    mem_gb_per_gpu: int | None = None  # default: the profile's
+    cluster: str | None = field_(None, "cluster profile: a name in slurm/ (e.g. local-test) or a YAML path")
+    executor: Literal["auto", "slurm", "local", "debug"] = field_(
+        "auto", "auto: slurm when sbatch is on PATH and a cluster profile is chosen, else local (jobs run on "
+                "this machine); debug: in this process")
+    time_min: int = field_(60, "wall time of the train job, in minutes", at_least(1, "1 or more minutes"))
+    gpus: int = field_(1, "GPUs per node for the train job (0: train on CPU)", at_least(0))
+    cpus_per_gpu: int | None = field_(None, "CPU cores per GPU; null: the cluster profile's", at_least(1))
+    mem_gb_per_gpu: int | None = field_(None, "memory per GPU in GB; null: the cluster profile's", at_least(1))
 
 
 @dataclass
 class DistributedConfig:
-    nodes: int = 1
-    gpus_per_node: int = 1
-    deepspeed: str | None = _path(doc="DeepSpeed config in manifests/deepspeed/")
-    # Samples per optimizer step over all processes; when set, batch_size x grad_accum x
-    # nodes x gpus_per_node must equal it (checked on the login node, which says the fix).
-    global_batch_size: int | None = None
-    # Seconds a rendezvous or a collective may wait for the other ranks before the job
-    # fails: a dead or hung rank ends the job within about this, not at its time limit.
-    timeout_s: int = 300
-    # gpu: one task per GPU (--gres), NCCL. cpu: gpus_per_node counts CPU processes per
-    # node, no GPU is asked for or used, gloo (tests, CPU-only clusters).
-    device: Literal["gpu", "cpu"] = "gpu"
+    """Training over several processes with DeepSpeed (see slurmtune.train.distributed)."""
+
+    nodes: int = field_(1, "nodes the training processes are spread over", at_least(1))
+    gpus_per_node: int = field_(1, "training processes per node: one per GPU (or CPU processes, with "
+                                   "device cpu)", at_least(1))
+    deepspeed: str | None = field_(None, "DeepSpeed config in manifests/deepspeed/; null: the shipped ZeRO-2 "
+                                         "one", path=True)
+    global_batch_size: int | None = field_(
+        None, "samples per optimizer step over all processes; when set, batch_size x grad_accum x nodes x "
+              "gpus_per_node must equal it (checked on the login node, which says the fix)", at_least(1))
+    timeout_s: int = field_(
+        300, "seconds a rendezvous or a collective may wait for the other ranks before the job fails: a dead "
+             "or hung rank ends the job within about this, not at its time limit",
+        at_least(10, "10 s or more (ranks start at different moments; loading a model takes a while)"))
+    device: Literal["gpu", "cpu"] = field_(
+        "gpu", "gpu: one task per GPU (--gres), NCCL. cpu: gpus_per_node counts CPU processes per node, no GPU "
+               "is asked for or used, gloo (tests, CPU-only clusters)")
+
+
+def _every_key_has_values(values: dict) -> bool:
+    return all(isinstance(v, list) and v for v in values.values())
 
 
 @dataclass
 class SweepConfig:
     """Trials of a sweep (see slurmtune.runs.sweep); each factor given multiplies the others."""
 
-    grid: dict[str, list[Any]] = field(default_factory=dict)  # key -> values: cartesian product
-    paired: dict[str, list[Any]] = field(default_factory=dict)  # key -> values: zipped together
-    random: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> {log_uniform|uniform|int_uniform: [lo, hi]} or {choice: [...]}
-    samples: int = 0  # random draws
-    seed: int = 0  # of the random draws
-    trials: list[dict[str, Any]] = field(default_factory=list)  # explicit override sets
-    parallelism: int = 4  # trials running at once (%K of the array)
-    metric: str = "eval_loss"  # eval_loss, train_loss, pass_rate, or a path in eval_report.json
-    mode: Literal["min", "max"] = "min"
+    grid: dict[str, list[Any]] = field_({}, "dotted key -> values; every combination is a trial",
+                                        Rule(lambda v, s: _every_key_has_values(v),
+                                             "a non-empty list of values for each key"))
+    paired: dict[str, list[Any]] = field_({}, "dotted key -> values; the lists are zipped (same length): row i "
+                                              "is one trial", Rule(lambda v, s: _every_key_has_values(v),
+                                                                   "a non-empty list of values for each key"))
+    random: dict[str, dict[str, Any]] = field_({}, "dotted key -> {log_uniform|uniform|int_uniform: [lo, hi]} "
+                                                   "or {choice: [...]}, drawn `samples` times")
+    samples: int = field_(0, "random draws from `random`",
+                          Rule(lambda v, s: v >= 1 if s.random else v >= 0,
+                               "1 or more with sweep.random, else 0"))
+    seed: int = field_(0, "seed of the random draws")
+    trials: list[dict[str, Any]] = field_([], "explicit override sets, each a mapping of dotted key -> value")
+    parallelism: int = field_(4, "trials running at once (%K of the array)", at_least(1))
+    metric: str = field_("eval_loss", "what ranks the trials: eval_loss, train_loss, pass_rate, or a dotted "
+                                      "path in eval_report.json", non_empty("a metric such as eval_loss"))
+    mode: Literal["min", "max"] = field_("min", "min: the lowest metric is best; max: the highest")
 
 
 @dataclass
 class RunConfig:
     """A whole run: convert -> validate -> train -> eval -> report."""
 
-    name: str = "run"
-    description: str = ""
-    output_dir: str = "runs"  # run folders are created here (relative to the working directory)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
+    name: str = field_("run", "the run's name: its folders and SLURM job names start with it")
+    description: str = field_("", "free text, kept with the run's resolved manifest")
+    output_dir: str = field_("runs", "run folders are created here (relative to the working directory)")
+    data: DataConfig = section(DataConfig)
+    model: ModelConfig = section(ModelConfig)
+    lora: LoraConfig = section(LoraConfig)
+    train: TrainConfig = section(TrainConfig)
+    eval: EvalConfig = section(EvalConfig)
+    slurm: SlurmConfig = section(SlurmConfig)
+    distributed: DistributedConfig = section(DistributedConfig)
+    sweep: SweepConfig = section(SweepConfig)
 
 
 # --- loading --------------------------------------------------------------------------
 
 def load_manifest(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML manifest, apply ``key.sub=value`` overrides, check every type."""
+    """Read a YAML manifest, apply ``key.sub=value`` overrides, check every type. Values are
+    checked apart (``value_problems``), with the paths and resources of what is submitted."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such manifest file")
@@ -190,27 +237,28 @@ def load_manifest(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     if not isinstance(raw, dict):
         raise UsageError(f"{path}: expected a mapping of sections at the top level")
     problems: list[str] = []
-    cfg = _build(RunConfig, raw, "", problems, base=path.resolve().parent)
-    for override in overrides:
-        _apply_override(cfg, override, problems)
+    cfg = fill(RunConfig(), raw, problems, base=path.resolve().parent)
+    apply_overrides(cfg, overrides, problems)
     if problems:
         raise ConfigError(problems, source=str(path))
     return cfg
 
 
-def build(cls, raw: Any, source: str, base: Path | None = None):
-    """Any schema dataclass from a plain mapping, with the same checks as a manifest."""
-    problems: list[str] = []
-    obj = _build(cls, raw, "", problems, base=base)
-    if problems:
-        raise ConfigError(problems, source=source)
-    return obj
+def apply_overrides(cfg: RunConfig, overrides: list[str], problems: list[str], base: Path | None = None) -> None:
+    """Set command-line ``key.sub=value`` texts on ``cfg``, each read by its field's type; relative
+    paths resolve against ``base`` (default: the working directory, as the shell user expects)."""
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"{override}: expected key.sub=value")
+            continue
+        set_value(cfg, key, text, problems, base=base or Path.cwd(), text=True)
 
 
 def from_dict(raw: dict, base: Path | None = None) -> RunConfig:
     """Build a config from a plain dict (e.g. a resolved manifest saved in a run folder)."""
     problems: list[str] = []
-    cfg = _build(RunConfig, raw, "", problems, base=base)
+    cfg = fill(RunConfig(), raw, problems, base=base)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -218,206 +266,20 @@ def from_dict(raw: dict, base: Path | None = None) -> RunConfig:
 
 def apply_values(cfg: RunConfig, values: dict[str, Any], source: str = "overrides",
                  base: Path | None = None) -> RunConfig:
-    """A copy of ``cfg`` with typed values set by dotted key (``{"train.lr": 2e-4}``), checked
-    like a manifest; relative paths among the values resolve against ``base``."""
-    raw = to_dict(cfg)
-    problems = []
+    """A copy of ``cfg`` with typed values set by dotted key (``{"train.lr": 2e-4}``: a sweep's
+    trial), checked like a command-line override; relative paths resolve against ``base``."""
+    cfg = copy.deepcopy(cfg)
+    problems: list[str] = []
     for key, value in values.items():
-        target, parts = raw, key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(target.get(part), dict):
-                problems.append(f"{key}: unknown key")
-                break
-            target = target[part]
-        else:
-            if parts[-1] not in target:
-                problems.append(f"{key}: unknown key")
-            else:
-                target[parts[-1]] = value
+        set_value(cfg, key, value, problems, base=base)
     if problems:
         raise ConfigError(problems, source=source)
-    return build(RunConfig, raw, source, base=base)
+    return cfg
 
 
-@functools.cache
-def _type_hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)  # evaluates the string annotations: slow, so once per class
+# --- checking values ------------------------------------------------------------------
 
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def to_yaml(cfg) -> str:
-    return yaml.dump(to_dict(cfg), Dumper=SAFE_DUMPER, sort_keys=False, default_flow_style=False)
-
-
-def _build(cls, raw: Any, prefix: str, problems: list[str], base: Path | None):
-    if not isinstance(raw, dict):
-        problems.append(f"{prefix.rstrip('.') or 'manifest'}: expected a mapping, got {_show(raw)}")
-        return cls()
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = _type_hints(cls)
-    unknown = [k for k in raw if k not in fields]
-    for key in unknown:
-        problems.append(_unknown_key(prefix, str(key), fields))
-    values = {}
-    for name, value in raw.items():
-        if name not in fields:
-            continue
-        key = prefix + name
-        if dataclasses.is_dataclass(hints[name]):
-            values[name] = _build(hints[name], value, key + ".", problems, base)
-            continue
-        ok, converted = _check(value, hints[name])
-        if not ok:
-            problems.append(f"{key}: {_show(value)} is not {_type_name(hints[name])}")
-            continue
-        if fields[name].metadata.get("path") and base is not None:
-            converted = _resolve(converted, base)
-        values[name] = converted
-    return cls(**values)
-
-
-def _unknown_key(prefix: str, key: str, fields: dict) -> str:
-    section = prefix.rstrip(".") or "top level"
-    hint = difflib.get_close_matches(key, fields, n=1)
-    maybe = f" (did you mean '{hint[0]}'?)" if hint else ""
-    return f"{prefix}{key}: unknown key{maybe}; valid keys of {section}: {', '.join(fields)}"
-
-
-def _apply_override(cfg: RunConfig, override: str, problems: list[str]) -> None:
-    key, sep, text = override.partition("=")
-    if not sep or not key:
-        problems.append(f"{override}: expected key.sub=value")
-        return
-    parts = key.strip().split(".")
-    target = cfg
-    for i, part in enumerate(parts):
-        fields = {f.name: f for f in dataclasses.fields(target)}
-        if part not in fields:
-            problems.append(_unknown_key("".join(p + "." for p in parts[:i]), part, fields))
-            return
-        hint = _type_hints(type(target))[part]
-        if i < len(parts) - 1:
-            if not dataclasses.is_dataclass(hint):
-                problems.append(f"{key}: '{'.'.join(parts[:i + 1])}' has no sub-keys")
-                return
-            target = getattr(target, part)
-            continue
-        if dataclasses.is_dataclass(hint):
-            problems.append(f"{key}: is a section; set one of its keys, e.g. {key}.{dataclasses.fields(hint)[0].name}=...")
-            return
-        value = _parse_override_value(text, hint)
-        ok, converted = _check(value, hint)
-        if not ok:
-            problems.append(f"{key}: {_show(value)} is not {_type_name(hint)}")
-            return
-        if fields[part].metadata.get("path"):
-            converted = _resolve(converted, Path.cwd())
-        setattr(target, part, converted)
-
-
-def _parse_override_value(text: str, hint) -> Any:
-    """Strings stay as typed; everything else is read as YAML (numbers, lists, null)."""
-    allows_none = _is_optional(hint)
-    core = _strip_optional(hint)
-    if allows_none and text.strip().lower() in ("null", "none", "~", ""):
-        return None
-    if core is str or typing.get_origin(core) is Literal:
-        return text
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
+# --- explaining fields ----------------------------------------------------------------
 
 # --- type checks ----------------------------------------------------------------------
 
-def _is_optional(hint) -> bool:
-    return _is_union(hint) and type(None) in typing.get_args(hint)
-
-
-def _is_union(hint) -> bool:
-    return typing.get_origin(hint) in (typing.Union, types.UnionType)
-
-
-def _strip_optional(hint):
-    if _is_optional(hint):
-        rest = [a for a in typing.get_args(hint) if a is not type(None)]
-        return rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
-    return hint
-
-
-def _check(value: Any, hint) -> tuple[bool, Any]:
-    """(ok, value converted to the field's type). ints widen to float; YAML's '1e-4' string too."""
-    if _is_optional(hint):
-        if value is None:
-            return True, None
-        hint = _strip_optional(hint)
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return (value in typing.get_args(hint)), value
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item is str:
-            value = [str(value)]  # a single value where a list is expected
-        if not isinstance(value, list):
-            return False, value
-        checked = [_check(v, item) for v in value]
-        return all(ok for ok, _ in checked), [v for _, v in checked]
-    if origin is dict:
-        _, item = typing.get_args(hint)
-        if not isinstance(value, dict):
-            return False, value
-        checked = {str(k): _check(v, item) for k, v in value.items()}
-        return all(ok for ok, _ in checked.values()), {k: v for k, (_, v) in checked.items()}
-    if hint is Any:
-        return True, value
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        if isinstance(value, str):
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        return False, value
-    if hint is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, str(value)
-        return isinstance(value, str), value
-    return False, value
-
-
-def _type_name(hint) -> str:
-    if _is_optional(hint):
-        return _type_name(_strip_optional(hint)) + " or null"
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
-    if origin is dict:
-        return "a mapping"
-    if hint is Any:
-        return "a value"
-    return {bool: "a boolean (true/false)", int: "an integer", float: "a number",
-            str: "a string"}.get(hint, str(hint))
-
-
-def _show(value: Any) -> str:
-    return repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-
-
-def _resolve(value, base: Path):
-    if value in (None, ""):
-        return value
-    if isinstance(value, list):
-        return [_resolve(v, base) for v in value]
-    p = Path(value).expanduser()
-    return str(p if p.is_absolute() else (base / p).resolve())

@@ -19,17 +19,46 @@ def add_commands(sub, argv: list[str]) -> None:
 # --- config ---------------------------------------------------------------------------
 
 def _add_config(sub) -> None:
-    p = sub.add_parser("config", help="print the resolved config of a manifest")
-    p.add_argument("manifest")
+    p = sub.add_parser("config", help="print the resolved config of a manifest, or explain its keys",
+                       description="slurmtune config MANIFEST [key.sub=value ...]: the manifest as resolved. "
+                                   "slurmtune config --explain [KEY]: each key's type, default, constraint "
+                                   "and meaning (KEY: a section such as train, or a key such as train.lr)")
+    p.add_argument("manifest", nargs="?")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    p.add_argument("--explain", nargs="?", const="", metavar="KEY",
+                   help="document every key, one section or one key, from the schema")
+    p.add_argument("--explain-profile", nargs="?", const="", metavar="KEY",
+                   help="the same for the keys of a cluster profile (slurm/*.yaml)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of YAML (or text)")
     p.set_defaults(func=_config)
 
 
 def _config(args) -> int:
-    from slurmtune.config import load_manifest, to_dict, to_yaml
+    from slurmtune.config import load_manifest
+    from slurmtune.schema import to_dict, to_yaml
+    if args.explain is not None or args.explain_profile is not None:
+        return _explain(args)
+    if not args.manifest:
+        raise UsageError("config: give a MANIFEST (or --explain [KEY] for the keys it may set)")
     cfg = load_manifest(args.manifest, args.overrides)
     print(json.dumps(to_dict(cfg), indent=2) if args.json else to_yaml(cfg), end="" if not args.json else "\n")
+    return 0
+
+
+def _explain(args) -> int:
+    from slurmtune.config import RunConfig
+    from slurmtune.schema import explain, explained_json, format_explained
+    if args.manifest or args.overrides:
+        raise UsageError("config --explain documents the schema, not a manifest; run it without "
+                         "MANIFEST and overrides (or `slurmtune config MANIFEST` for resolved values)")
+    if args.explain is not None and args.explain_profile is not None:
+        raise UsageError("config: --explain (manifest keys) or --explain-profile (cluster profile keys), not both")
+    if args.explain_profile is not None:
+        from slurmtune.cluster.profiles import ClusterProfile
+        groups = explain(ClusterProfile, args.explain_profile or None)
+    else:
+        groups = explain(RunConfig, args.explain or None)
+    print(explained_json(groups) if args.json else format_explained(groups), end="\n" if args.json else "")
     return 0
 
 

@@ -13,14 +13,14 @@ reach a script, a run folder or a log. Tokens stay in the user's environment.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
 
 from slurmtune import SOURCE_ROOT
-from slurmtune.config import build
+from slurmtune.schema import at_least, build, field_
 from slurmtune.errors import UsageError
 
 PROFILE_DIR = SOURCE_ROOT / "slurm"
@@ -31,29 +31,36 @@ SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9]{20,})\b")
 
 @dataclass
 class ClusterProfile:
-    name: str = "generic"
-    description: str = ""
-    partition: str | None = None  # partition of GPU jobs
-    cpu_partition: str | None = None  # partition of CPU-only steps (convert, validate, report); default: partition
-    account: str | None = None
-    qos: str | None = None
-    gpu_request: Literal["gres", "gpus-per-node"] = "gres"  # --gres=gpu[:type]:N or --gpus-per-node=N
-    gpu_type: str | None = None  # e.g. a40, v100
-    constraint: str | None = None
-    cpus_per_gpu: int = 4
-    mem_gb_per_gpu: int = 32
-    cpus_per_cpu_job: int = 2
-    mem_gb_per_cpu_job: int = 8
-    default_time_min: int = 60
-    max_time_min: int | None = None  # site limit, if the partition does not say
-    max_array_size: int | None = None  # default: read from the cluster (MaxArraySize)
-    signal_lead_s: int = 120  # USR2 this long before the time limit: time to checkpoint
-    extra_sbatch: list[str] = field(default_factory=list)  # e.g. ["--mail-type=END"]
-    setup: list[str] = field(default_factory=list)  # shell lines before the job (module load, ...)
-    env: dict[str, str] = field(default_factory=dict)  # exported in the job (HF_HOME, ...)
-    shared_prefixes: list[str] = field(default_factory=list)  # paths visible from every node
-    require_shared_paths: bool = False  # refuse model/data paths outside shared_prefixes
-    python: str | None = None  # python on the nodes; default: the one submitting
+    """What a site needs in its sbatch scripts: one YAML file per site in slurm/."""
+
+    name: str = field_("generic", "the profile's name; a file in slurm/ without one gets its file's name")
+    description: str = field_("", "free text shown by `slurmtune doctor`")
+    partition: str | None = field_(None, "partition of GPU jobs; null: the cluster's default")
+    cpu_partition: str | None = field_(None, "partition of CPU-only steps (convert, validate, report); "
+                                             "null: partition")
+    account: str | None = field_(None, "account charged for the jobs (--account)")
+    qos: str | None = field_(None, "quality of service of the jobs (--qos)")
+    gpu_request: Literal["gres", "gpus-per-node"] = field_("gres", "how GPUs are asked for: "
+                                                                   "--gres=gpu[:type]:N or --gpus-per-node=N")
+    gpu_type: str | None = field_(None, "GPU type in the request, e.g. a40, v100; null: any")
+    constraint: str | None = field_(None, "node features the jobs need (--constraint)")
+    cpus_per_gpu: int = field_(4, "CPU cores per GPU of a GPU job", at_least(1))
+    mem_gb_per_gpu: int = field_(32, "memory per GPU of a GPU job, in GB", at_least(1))
+    cpus_per_cpu_job: int = field_(2, "CPU cores of a CPU-only job", at_least(1))
+    mem_gb_per_cpu_job: int = field_(8, "memory of a CPU-only job, in GB", at_least(1))
+    default_time_min: int = field_(60, "wall time of a job that names none, in minutes", at_least(1))
+    max_time_min: int | None = field_(None, "the site's wall-time limit, if the partition does not say",
+                                      at_least(1))
+    max_array_size: int | None = field_(None, "most tasks in one job array; null: read from the cluster "
+                                              "(MaxArraySize)", at_least(1))
+    signal_lead_s: int = field_(120, "USR2 comes this long before the time limit: time to checkpoint",
+                                at_least(1, "1 or more seconds"))
+    extra_sbatch: list[str] = field_([], "more sbatch flags, e.g. [\"--mail-type=END\"]")
+    setup: list[str] = field_([], "shell lines run before the job (module load, ...)")
+    env: dict[str, str] = field_({}, "variables exported in the job (HF_HOME, ...); never tokens")
+    shared_prefixes: list[str] = field_([], "paths visible from every node")
+    require_shared_paths: bool = field_(False, "refuse model and data paths outside shared_prefixes")
+    python: str | None = field_(None, "python on the nodes; null: the one submitting")
 
     def problems(self) -> list[str]:
         found = []
