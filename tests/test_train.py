@@ -163,15 +163,17 @@ def test_preflight_refuses_when_every_token_would_be_trained(tiny, data, tmp_pat
         preflight(cfg, [data["train"]])
 
 
-def test_preflight_without_markers_trains_all_only_when_asked(tiny, data, tmp_path):
+def test_preflight_without_markers_counts_the_same_tokens_as_with_them(tiny, data, tmp_path):
     plain = tmp_path / "plain.jinja"
     plain.write_text(CHAT_TEMPLATE.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", ""))
     cfg = make_cfg(tiny, loss_on="all")
     cfg.model.chat_template = str(plain)
     assert preflight(cfg, [data["train"]])["trained_share"] == 1.0
-    cfg.train.loss_on = "assistant"
-    with pytest.raises(UsageError, match="generation"):
-        preflight(cfg, [data["train"]])
+    cfg.train.loss_on = "assistant"  # without markers the masks come from rendering each turn
+    computed = preflight(cfg, [data["train"]])
+    assert computed["template"].endswith("assistant tokens found by rendering each turn")
+    marked = preflight(make_cfg(tiny), [data["train"]])
+    assert (computed["trained_tokens"], computed["tokens"]) == (marked["trained_tokens"], marked["tokens"])
 
 
 # --- stop and exact resume --------------------------------------------------------------
@@ -366,7 +368,8 @@ def test_lineage_records_data_config_versions_and_no_environment(baseline, data)
 
 
 def test_a_field_added_to_the_schema_does_not_block_resume():
-    from slurmtune.config import RunConfig, to_dict
+    from slurmtune.config import RunConfig
+    from slurmtune.schema import to_dict
     from slurmtune.train.recipe import config_diff
     old, new = to_dict(RunConfig()), to_dict(RunConfig())
     del old["distributed"]["nodes"]  # a checkpoint written before the field existed

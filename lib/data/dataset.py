@@ -5,7 +5,8 @@
     data = read_train_files(["data/train.jsonl", "extra_alpaca.jsonl"])
     data.kind                      # 'chat' or 'prompt-completion'
     data.files                     # [DataFile(path, format, rows, sha256, excluded), ...]
-    dataset = to_dataset(data, tokenizer)   # a `messages` column, or `prompt` and `completion`
+    dataset = to_dataset(data, tokenizer, loss_on="assistant")
+    # chat: `input_ids` + `assistant_masks` (tokenized here); prompt-completion: `prompt`, `completion`
 
     ids, trained = encode(tokenizer, data.records[0], data.kind, loss_on="assistant", max_length=1024)
 
@@ -20,15 +21,24 @@ trains one kind of record: chat and prompt-completion files cannot be mixed
 
 Chat messages keep string contents. They are reshaped for strict templates
 (Mistral's refuses a system turn) only when the model's template rejects them
-as they are, decided once per sequence of roles.
+as they are, or, when the assistant's tokens are found by rendering each turn
+(slurmtune.data.templates), when only the reshaped conversation renders each
+turn's prompt as the start of the conversation; decided once per sequence of roles.
 
-:func:`encode` mirrors TRL 1.16's SFT preprocessing (tokenize with the chat
-template, assistant or completion mask, EOS after a plain completion, truncation
-to ``max_length``), so the login-node preflight counts the tokens training will
-train on without importing TRL (~8 s). :func:`count_trained_tokens` is the
-preflight's check: no trained token at all (no generation markers, or the
-answer cut off by ``max_length``) or every token trained although only the
-assistant's were asked for are errors that say the fix.
+Chat rows are tokenized here, not by TRL: :func:`to_dataset` writes each row's
+``input_ids`` and, for ``train.loss_on=assistant``, its ``assistant_masks``,
+from :func:`encode` — the function the login-node preflight counts with, so the
+two agree token for token. TRL 1.16's SFTTrainer takes a dataset with an
+``input_ids`` column as tokenized: it turns ``assistant_masks`` into ``labels``
+(-100 elsewhere), truncates to ``max_length`` keeping the start, and packs
+(``packing``, padding-free) the same columns. Prompt-completion rows are left
+to TRL; :func:`encode` mirrors its preprocessing for them (template, completion
+mask from where prompt and prompt+completion diverge, EOS after a plain
+completion), so the preflight counts without importing TRL (~8 s).
+:func:`count_trained_tokens` is the preflight's check: no trained token at all
+(the answer cut off by ``max_length``, markers that enclose nothing), every
+token trained although only the assistant's were asked for, or a template whose
+renderings do not show where the assistant's tokens are, are errors that say the fix.
 """
 
 from __future__ import annotations
@@ -39,6 +49,9 @@ from pathlib import Path
 from typing import Any
 
 from slurmtune.data.chat_format import to_template_messages
+from slurmtune.data.templates import (
+    FIX, TurnNotFound, assistant_mask, choose_chat_template, common_prefix, has_generation_markers, own_template,
+)
 from slurmtune.data.converters import get_converter
 from slurmtune.data.converters.base import Excluded, Rejected, Where
 from slurmtune.errors import DataError, UsageError, format_location
@@ -169,14 +182,19 @@ def _check_prompt_shapes(data: TrainRecords) -> None:
 
 # --- the dataset the trainer reads ------------------------------------------------------
 
-def to_dataset(data: TrainRecords, tokenizer=None):
-    """A ``datasets.Dataset`` of the records, messages fitted to ``tokenizer``'s template."""
+def to_dataset(data: TrainRecords, tokenizer, loss_on: str):
+    """A ``datasets.Dataset`` the way TRL 1.16's SFTTrainer takes it. Chat rows are tokenized
+    here: ``input_ids``, and with ``loss_on="assistant"`` an ``assistant_masks`` column (the
+    tokens :func:`count_trained_tokens` counts, one for one). Prompt-completion rows stay
+    ``prompt`` and ``completion``, fitted to the template, for TRL to tokenize."""
     from datasets import Dataset
 
-    fit = TemplateFit(tokenizer)
     if data.kind == "chat":
-        rows = [{"messages": fit.messages(r["messages"])} for r in data.records]
+        encoded = encode_records(tokenizer, data, loss_on)
+        rows = [{"input_ids": ids, "assistant_masks": [int(t) for t in flags]} if loss_on == "assistant"
+                else {"input_ids": ids} for ids, flags in encoded.rows]
     else:
+        fit = TemplateFit(tokenizer)
         rows = [fit.prompt_completion(r) for r in data.records]
     return Dataset.from_list(rows)
 
@@ -184,11 +202,15 @@ def to_dataset(data: TrainRecords, tokenizer=None):
 class TemplateFit:
     """Messages with string contents, folded for strict templates only when needed.
 
-    Whether a template accepts a conversation depends on its sequence of roles, so
-    the answer is remembered per sequence (one render per shape, not per row)."""
+    Folded when the template rejects the conversation as it is, and, with
+    ``computed_masks``, when only the folded shape renders each assistant turn's
+    prompt as the start of the conversation (Mistral's later template shows the
+    system prompt only with the last user turn). Both depend on the sequence of
+    roles, so the answer is remembered per sequence (renders per shape, not per row)."""
 
-    def __init__(self, tokenizer=None):
+    def __init__(self, tokenizer=None, computed_masks: bool = False):
         self.tokenizer = tokenizer
+        self.computed_masks = computed_masks
         self._strict: dict[tuple, bool] = {}
 
     def messages(self, messages: list[dict]) -> list[dict]:
@@ -209,8 +231,18 @@ class TemplateFit:
             return False
         roles = tuple(m.get("role") for m in messages)
         if roles not in self._strict:
-            self._strict[roles] = not self._renders(to_template_messages(messages, strict=False))
+            self._strict[roles] = self._strict_shape_needed(messages)
         return self._strict[roles]
+
+    def _strict_shape_needed(self, messages: list[dict]) -> bool:
+        as_is = to_template_messages(messages, strict=False)
+        if not self._renders(as_is):
+            return True
+        if not self.computed_masks or self._lines_up(as_is):
+            return False
+        strict = to_template_messages(messages, strict=True)
+        # Folded only if that helps; otherwise encoding reports the shape the data has.
+        return strict != as_is and self._renders(strict) and self._lines_up(strict)
 
     def _renders(self, messages: list[dict]) -> bool:
         try:
@@ -219,27 +251,71 @@ class TemplateFit:
         except Exception:  # jinja2 TemplateError raised by the model's own template
             return False
 
+    def _lines_up(self, messages: list[dict]) -> bool:
+        try:
+            assistant_mask(self.tokenizer, messages)
+            return True
+        except TurnNotFound:
+            return False
+
 
 # --- tokens the loss falls on ----------------------------------------------------------
 
+@dataclass
+class Encoded:
+    rows: list[tuple[list[int], list[bool]]]  # (input ids, trained flags) per record, untruncated
+    merged: int = 0  # assistant-turn boundaries inside a token (computed masks; that token is trained)
+
+
+def encode_records(tokenizer, data: TrainRecords, loss_on: str) -> Encoded:
+    """Every record fitted and encoded as training sees it, before truncation. Raises one
+    UsageError, with the fix, when the template's renderings do not show the assistant's tokens."""
+    computed = data.kind == "chat" and loss_on == "assistant" and not has_generation_markers(own_template(tokenizer))
+    fit = TemplateFit(tokenizer, computed_masks=computed)
+    out, problems = Encoded([]), []
+    for number, record in enumerate(data.records, 1):
+        row = {"messages": fit.messages(record["messages"])} if data.kind == "chat" else fit.prompt_completion(record)
+        try:
+            ids, flags, merged = _encode(tokenizer, row, data.kind, loss_on)
+        except TurnNotFound as e:
+            problems.append(f"record {number}, {e}")
+            continue
+        out.rows.append((ids, flags))
+        out.merged += merged
+    if problems:
+        raise UsageError(
+            "train.loss_on=assistant: the assistant's tokens cannot be found with this chat template: it has no "
+            "{% generation %} markers, and the prompt of an assistant turn rendered alone (add_generation_prompt="
+            "True, as at inference) is not the start of the conversation rendered with the turn, in "
+            f"{len(problems)} of {len(data.records)} records (first: {problems[0]}; also tried with the system "
+            f"text folded into the first user turn); {FIX}")
+    return out
+
+
 def encode(tokenizer, record: dict, kind: str, loss_on: str, max_length: int | None) -> tuple[list[int], list[bool]]:
-    """(input ids, trained flags) of one fitted record, as TRL 1.16's SFTTrainer prepares it."""
-    if kind == "chat":
-        ids, trained = _encode_chat(tokenizer, record["messages"], loss_on == "assistant")
-    else:
-        ids, trained = _encode_prompt_completion(tokenizer, record, loss_on == "assistant")
+    """(input ids, trained flags) of one fitted record, as TRL 1.16's SFTTrainer trains on it."""
+    ids, trained, _ = _encode(tokenizer, record, kind, loss_on)
     if max_length is not None:  # truncation keeps the start, as TRL's default truncation_mode
         ids, trained = ids[:max_length], trained[:max_length]
     return ids, trained
 
 
+def _encode(tokenizer, record: dict, kind: str, loss_on: str) -> tuple[list[int], list[bool], int]:
+    if kind == "chat":
+        return _encode_chat(tokenizer, record["messages"], loss_on == "assistant")
+    return (*_encode_prompt_completion(tokenizer, record, loss_on == "assistant"), 0)
+
+
 def _encode_chat(tokenizer, messages: list[dict], assistant_only: bool):
+    if assistant_only and not has_generation_markers(own_template(tokenizer)):
+        turn = assistant_mask(tokenizer, messages)
+        return turn.ids, [bool(m) for m in turn.mask], turn.merged
     out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                         return_assistant_tokens_mask=assistant_only)
     ids = list(out["input_ids"])
     if not assistant_only:
-        return ids, [True] * len(ids)
-    return ids, [bool(m) for m in out["assistant_masks"]]
+        return ids, [True] * len(ids), 0
+    return ids, [bool(m) for m in out["assistant_masks"]], 0
 
 
 def _encode_prompt_completion(tokenizer, record: dict, completion_only: bool):
@@ -254,7 +330,7 @@ def _encode_prompt_completion(tokenizer, record: dict, completion_only: bool):
             completion += eos  # TRL appends EOS to plain-text completions
         prompt_ids = _ids(tokenizer(text=prompt))
         ids = _ids(tokenizer(text=prompt + completion))
-    start = _common_prefix(prompt_ids, ids)  # the completion starts where the two diverge
+    start = common_prefix(prompt_ids, ids)  # the completion starts where the two diverge
     if not completion_only:
         return ids, [True] * len(ids)
     return ids, [i >= start for i in range(len(ids))]
@@ -264,40 +340,29 @@ def _ids(out: Any) -> list[int]:
     return list(out["input_ids"])
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 # --- the preflight: what would be trained ---------------------------------------------
 
 def count_trained_tokens(cfg, tokenizer, data: TrainRecords, template: str = "") -> dict:
     """Tokens and trained tokens of ``data`` as training prepares them (the preflight's numbers).
-    Raises UsageError when nothing, or everything despite loss_on=assistant, would be trained."""
+    Raises UsageError when nothing, or everything despite loss_on=assistant, would be trained,
+    or when the template's renderings do not show the assistant's tokens."""
     loss_on, max_length = cfg.train.loss_on, cfg.train.max_length
-    fit = TemplateFit(tokenizer)
-    rows = [{"messages": fit.messages(r["messages"])} if data.kind == "chat" else fit.prompt_completion(r)
-            for r in data.records]
-    encoded = [encode(tokenizer, r, data.kind, loss_on, None) for r in rows]
+    encoded = encode_records(tokenizer, data, loss_on)
     total = trained = truncated = empty = 0
-    for _, flags in encoded:
-        kept = flags[:max_length]
+    for _, flags in encoded.rows:
+        kept = flags[:max_length]  # TRL keeps the start, with and without packing ('bfd' truncates)
         total += len(kept)
         trained += sum(kept)
         truncated += len(flags) > max_length
         empty += not any(kept)
-    report = {"rows": len(rows), "tokens": total, "trained_tokens": trained,
+    report = {"rows": len(encoded.rows), "tokens": total, "trained_tokens": trained,
               "trained_share": trained / total if total else 0.0, "rows_truncated": truncated,
               "rows_without_trained_tokens": empty, "max_length": max_length, "kind": data.kind,
-              "loss_on": loss_on, "template": template}
+              "loss_on": loss_on, "template": template, "boundaries_merged": encoded.merged}
     if trained == 0:
-        raise UsageError(_nothing_trained(data, encoded, max_length))
+        raise UsageError(_nothing_trained(data, encoded.rows, max_length))
     if loss_on == "assistant" and trained == total:
-        raise UsageError(_everything_trained(data.kind, len(rows)))
+        raise UsageError(_everything_trained(data.kind, len(encoded.rows)))
     return report
 
 
@@ -305,10 +370,11 @@ def _nothing_trained(data, encoded, max_length: int) -> str:
     part = "assistant turn" if data.kind == "chat" else "completion"
     first = [flags.index(True) for _, flags in encoded if True in flags]
     if not first:
-        why = ("the chat template has no {% generation %} markers around assistant turns"
+        why = ("the chat template's {% generation %} markers enclose no token of the assistant turns"
                if data.kind == "chat" else "every completion is empty")
-        fix = ("fix: set model.chat_template to a template with {% generation %} markers "
-               "(see manifests/templates/), or train.loss_on=all" if data.kind == "chat"
+        fix = ("fix: set model.chat_template to a template whose markers enclose each assistant message and its "
+               "end-of-turn token (or a template without markers: the assistant's tokens are then found by "
+               "rendering each turn), or train.loss_on=all" if data.kind == "chat"
                else "fix: check the completions of the training files")
         return f"zero trained tokens in the first {len(encoded)} rows: {why}; {fix}"
     return (f"zero trained tokens in the first {len(encoded)} rows: the {part} is truncated by max_length "
@@ -320,42 +386,30 @@ def _everything_trained(kind: str, rows: int) -> str:
     if kind == "chat":
         return (f"every token of the first {rows} rows would be trained although train.loss_on=assistant: "
                 "the chat template's {% generation %} markers wrap more than the assistant turns; fix: use a "
-                "template that marks only assistant content (see manifests/templates/), or set "
-                "train.loss_on=all if training on prompts is intended")
+                "template that marks only assistant content and its end-of-turn token (or no markers at all: "
+                "the assistant's tokens are then found by rendering each turn), or set train.loss_on=all if "
+                "training on prompts is intended")
     return (f"every token of the first {rows} rows would be trained although train.loss_on=assistant: the "
             "prompts are empty; fix: put the input in `prompt`, or set train.loss_on=all")
 
 
 # --- the tokenizer training uses --------------------------------------------------------
 
-def prepare_tokenizer(cfg, kind: str):
-    """The model's tokenizer with the chat template training uses; (tokenizer, description)."""
+def prepare_tokenizer(cfg, kind: str, tokenizer=None):
+    """The model's tokenizer (or ``tokenizer``, e.g. a tiny model's not built yet) with the chat
+    template training uses; (tokenizer, description)."""
     from slurmtune.data.chat_format import load_tokenizer
 
-    ensure_model(cfg)
-    tokenizer = load_tokenizer(cfg.model.path)
-    override = cfg.model.chat_template
-    if kind == "chat" and cfg.train.loss_on == "assistant":
-        from slurmtune.data.templates import ensure_generation_template
-        description = ensure_generation_template(tokenizer, override)
-    elif override:
-        tokenizer.chat_template = Path(override).read_text(encoding="utf-8")
-        description = f"chat template from {override}"
+    if tokenizer is None:
+        if not (Path(cfg.model.path) / "config.json").is_file():
+            raise UsageError(f"model.path: {cfg.model.path}: no such model folder (no config.json); expected a "
+                             "local folder or Hugging Face cache snapshot: compute nodes cannot download")
+        tokenizer = load_tokenizer(cfg.model.path)
+    if kind == "chat" or cfg.model.chat_template:
+        description = choose_chat_template(tokenizer, cfg.model.chat_template,
+                                           assistant_only=kind == "chat" and cfg.train.loss_on == "assistant")
     else:
         description = "the model's chat template"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # what TRL would pick; set here so preflight agrees
     return tokenizer, description
-
-
-def ensure_model(cfg) -> None:
-    """The model folder exists (a tiny demo model is built when ``model.tiny_arch`` asks for it)."""
-    path = Path(cfg.model.path)
-    if (path / "config.json").is_file():
-        return
-    if cfg.model.tiny_arch:
-        from slurmtune.train.tiny_model import make_tiny_model
-        make_tiny_model(path, arch=cfg.model.tiny_arch)
-        return
-    raise UsageError(f"model.path: {path} is not a model folder (no config.json); expected a local folder "
-                     "or Hugging Face cache snapshot: compute nodes cannot download")
