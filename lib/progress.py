@@ -10,6 +10,9 @@ a bar would fill the log with carriage returns, so instead one line is printed
 every ``every_s`` seconds and a last one at the end::
 
     convert: 120000 rows, 41000 rows/s, 2.9 s
+
+Other libraries' bars (transformers, datasets, the hub) never reach a batch log:
+slurmtune.logs turns them off, and on a terminal too unless ``slurmtune --verbose``.
 """
 
 from __future__ import annotations
@@ -27,12 +30,17 @@ def progress(items: Iterable[T], desc: str, unit: str = "it", total: int | None 
     if os.environ.get("SLURMTUNE_QUIET"):
         yield from items
         return
-    if sys.stderr.isatty():
+    if on_terminal():
         from tqdm import tqdm
         yield from tqdm(items, desc=desc, unit=f" {unit}", total=total, leave=False)
         return
     yield from _plain_lines(items, desc, unit, total,
                             every_s if every_s is not None else float(os.environ.get("SLURMTUNE_PROGRESS_EVERY_S", 30)))
+
+
+def on_terminal() -> bool:
+    """Whether a bar can be drawn: stderr is a terminal, not a batch log (a file)."""
+    return sys.stderr.isatty()
 
 
 def _plain_lines(items: Iterable[T], desc: str, unit: str, total: int | None, every_s: float) -> Iterator[T]:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 os.environ.setdefault("SLURMTUNE_QUIET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Commands run in-process log third-party noise here, not into the user's ~/.local/state.
+os.environ.setdefault("SLURMTUNE_DEBUG_LOG", str(Path(tempfile.gettempdir()) / f"slurmtune-tests-{os.getpid()}-debug.log"))
 
 
 @dataclass

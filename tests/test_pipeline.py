@@ -6,16 +6,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_jsonl, run_subprocess, write_jsonl
+from conftest import REPO, Result, read_jsonl, run_subprocess, write_jsonl
+from slurmtune.logs import NO_BARS_ENV, QUIET_ENV, VERBOSE_ENV
 from slurmtune.runs.folder import Run
 
 QUICKSTART = REPO / "manifests" / "quickstart.yaml"
+GOLDEN_OUTPUT = REPO / "tests" / "golden" / "quickstart-local-output.txt"
 RUN_FILES = ["final/adapter_config.json", "final/adapter_model.safetensors", "final/lineage.json",
              "final/tokenizer.json", "training_config.json", "training.log", "predictions.jsonl",
              "eval_report.json", "eval_report.md", "report.html", "data/summary.json"]
@@ -26,8 +29,10 @@ def _check_run_folder(run_dir: Path) -> dict:
         assert (run_dir / name).is_file(), name
     report = json.loads((run_dir / "eval_report.json").read_text())
     validation = read_jsonl(run_dir / "data" / "validation.jsonl")
-    assert report["n"] == len(validation) == len(read_jsonl(run_dir / "predictions.jsonl"))
-    assert report["passed"] + report["failed"] + report.get("ungraded", 0) == report["n"] or report["n"] > 0
+    assert report["n"] == len(validation) == len(read_jsonl(run_dir / "predictions.jsonl")) > 0
+    verdicts = [record["passed"] for record in report["records"]]  # None: no check applies to it
+    assert len(verdicts) == report["n"]
+    assert (report["passed"], report["failed"]) == (verdicts.count(True), verdicts.count(False))
     html = (run_dir / "report.html").read_text()
     assert f">{report['n']}<" in html and "http://" not in html and "https://" not in html
     lineage = json.loads((run_dir / "final" / "lineage.json").read_text())
@@ -42,24 +47,68 @@ def tiny_model_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("models") / "tiny-llama"
 
 
-def test_quickstart_runs_here_with_the_local_executor(tmp_path, tiny_model_cache):
-    env = {**os.environ, "PATH": _path_without_sbatch(tmp_path)}
-    r = run_subprocess("run", QUICKSTART, f"output_dir={tmp_path / 'runs'}", f"model.path={tiny_model_cache}",
-                       env=env, cwd=tmp_path, timeout=600)
+@pytest.fixture(scope="module")
+def local_quickstart(tmp_path_factory, tiny_model_cache) -> tuple[Result, Run]:
+    """The quickstart run once on this machine, as a user without SLURM runs it (a subprocess,
+    default output settings): its own test reads it, the test cluster's run compares with it."""
+    tmp = tmp_path_factory.mktemp("quickstart-local")
+    env = {**os.environ, "PATH": _path_without_sbatch(tmp)}
+    for key in (VERBOSE_ENV, *QUIET_ENV, *NO_BARS_ENV):  # as a user's shell has them
+        env.pop(key, None)
+    r = run_subprocess("run", QUICKSTART, f"output_dir={tmp / 'runs'}", f"model.path={tiny_model_cache}",
+                       env=env, cwd=tmp, timeout=600)
     assert r.code == 0, r.out[-3000:] + r.err[-3000:]
+    return r, Run.open(None, tmp / "runs")
+
+
+def test_quickstart_runs_here_with_the_local_executor(local_quickstart):
+    r, run = local_quickstart
     assert "notice: no SLURM here (sbatch not on PATH): running on this machine with the local executor" in r.err
-    run = Run.open(None, tmp_path / "runs")
     assert f"report: {run.dir / 'report.html'}" in r.out and str(run.dir) in r.out
     assert "COMPLETED" in r.out
     _check_run_folder(run.dir)
-    (tmp_path.parent / "quickstart-local.sha").write_text(_sha(run.dir / "final" / "adapter_model.safetensors"))
+
+
+def test_quickstart_output_is_only_our_own_lines(local_quickstart):
+    """What the user sees has the shapes of tests/golden/quickstart-local-output.txt and nothing
+    else: a warning or a progress bar of another library fails here (it belongs in debug.log)."""
+    r, run = local_quickstart
+    seen = {f"{stream}: {shape}" for stream, text in (("out", r.out), ("err", r.err))
+            for shape in _line_shapes(text, run)}
+    golden = [line for line in GOLDEN_OUTPUT.read_text().splitlines() if line and not line.startswith("#")]
+    unexpected = sorted(line for line in seen if not any(_fits(line, shape.removeprefix("? ")) for shape in golden))
+    missing = [shape for shape in golden if not shape.startswith("? ") and not any(_fits(s, shape) for s in seen)]
+    assert not unexpected, "not one of our line shapes (tests/golden/):\n" + "\n".join(unexpected)
+    assert not missing, "missing from the output:\n" + "\n".join(missing)
+    debug_log = (run.dir / "debug.log").read_text()
+    assert "--- starts" in debug_log and " train[" in debug_log  # the filtered lines are kept there
+    for log in (run.dir / "slurm").glob("*_log.*"):
+        assert "\r" not in log.read_text(), f"a progress bar in {log.name}"
+
+
+def _fits(line: str, shape: str) -> bool:
+    return line.startswith(shape[:-3]) if shape.endswith(" ...") else line == shape
+
+
+def _line_shapes(text: str, run: Run) -> list[str]:
+    """Each line with its volatile parts replaced: folders, run id, times, numbers; spacing."""
+    shapes = []
+    for line in text.splitlines():  # (a bar's carriage returns make lines of their own)
+        line = line.replace(str(run.dir), "<run>").replace(str(run.dir.parent.parent), "<tmp>")
+        line = line.replace(run.run_id, "<run-id>")
+        line = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "<time>", line)
+        line = re.sub(r"\d+(\.\d+)?(e[+-]?\d+)?", "<n>", line)
+        shapes.append(" ".join(line.split()))
+    return shapes
 
 
 @pytest.mark.slurm
-def test_the_same_manifest_runs_on_the_test_cluster(slurm_cluster, cli, tmp_path, tiny_model_cache, monkeypatch):
+def test_the_same_manifest_runs_on_the_test_cluster(slurm_cluster, cli, tmp_path, tiny_model_cache, local_quickstart,
+                                                    monkeypatch):
     """... and survives SLURM's warning signal to one of its eval tasks: the task requeues, the
     report job (which depends on the eval array) still runs."""
     monkeypatch.setenv("SLURMTUNE_FAULT_PAUSE", "eval.0:300")  # first attempt of task 0 waits for the signal
+    monkeypatch.setenv("SLURMTUNE_DEBUG_LOG", str(tmp_path / "cli-debug.log"))  # not ~/.local/state
     r = cli("run", QUICKSTART, f"output_dir={tmp_path / 'runs'}", f"model.path={tiny_model_cache}",
             "--cluster", "local-test")
     assert r.code == 0, r.err
@@ -83,9 +132,9 @@ def test_the_same_manifest_runs_on_the_test_cluster(slurm_cluster, cli, tmp_path
     task = json.loads(task_status.read_text())
     assert signalled and task["state"] == "COMPLETED" and task["attempt"] == 1  # ran again after the requeue
     _check_run_folder(run.dir)
-    local = tmp_path.parent / "quickstart-local.sha"
-    if local.is_file():  # same code, seeds and data: the same adapter, wherever it ran
-        assert _sha(run.dir / "final" / "adapter_model.safetensors") == local.read_text()
+    _, local = local_quickstart  # same code, seeds and data: the same adapter, wherever it ran
+    adapter = Path("final") / "adapter_model.safetensors"
+    assert _sha(run.dir / adapter) == _sha(local.dir / adapter)
 
 
 SLURM_COMMANDS = {"sbatch", "squeue", "sacct", "scontrol", "sinfo", "scancel", "srun", "salloc", "sacctmgr"}
@@ -136,7 +185,9 @@ train: {{method: lora, max_steps: 4, batch_size: 2, grad_accum: 1, lr: 1.0e-3, m
 eval: {{shards: 3, max_new_tokens: 8}}
 slurm: {{gpus: 0}}
 """)
-    assert main(["run", str(manifest), "--executor", "debug"]) == 0
+    with pytest.MonkeyPatch.context() as env:  # what the command line itself filters: not in ~/.local/state
+        env.setenv("SLURMTUNE_DEBUG_LOG", str(root / "cli-debug.log"))
+        assert main(["run", str(manifest), "--executor", "debug"]) == 0
     return Run.open(None, root / "runs")
 
 
