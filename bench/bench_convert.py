@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+import harness
 
 PHASES = ("json.load", "convert", "validate", "convert (one line)")
 
@@ -94,13 +93,14 @@ def child_validate(export: Path, out_dir: Path) -> dict:
 CHILD_PHASES = {"json.load": child_json_load, "convert": child_convert, "validate": child_validate}
 
 
-def run_child(phase: str, export: Path, out_dir: Path, profile: bool) -> None:
-    """Import what the phase needs, note the RSS, run it, print one JSON line."""
+def run_child(args: argparse.Namespace) -> dict:
+    """Import what the phase needs, note the RSS, run it; returns its result and the RSS figures."""
+    phase, export, out_dir = args.child[0], Path(args.child[1]), Path(args.child[2])
     if phase != "json.load":
         import slurmtune.data.converters.speechgradebook  # noqa: F401  (imports are not the phase)
         import slurmtune.data.validate  # noqa: F401
     rss_after_imports = rss_now_mb()
-    if profile:
+    if args.profile:
         import cProfile
         import pstats
         profiler = cProfile.Profile()
@@ -114,7 +114,7 @@ def run_child(phase: str, export: Path, out_dir: Path, profile: bool) -> None:
     # VmHWM is this process's own high-water mark, kept to catch that case.
     result.update(rss_after_imports_mb=rss_after_imports, peak_rss_mb=peak_rss_mb(),
                   own_hwm_mb=proc_status_mb("VmHWM"))
-    print(json.dumps(result))
+    return result
 
 
 # --- parent: generate, measure, check -------------------------------------------------------
@@ -132,21 +132,13 @@ def measure(phase: str, export: Path, out_dir: Path, repeat: int) -> dict:
 
 def spawn(phase: str, export: Path, out_dir: Path, profile: bool = False) -> dict:
     child_phase = "convert" if phase.startswith("convert") else phase
-    cmd = [sys.executable, __file__, "--child", child_phase, str(export), str(out_dir)]
-    if profile:
-        cmd.append("--profile")
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"phase {phase!r} failed (exit {done.returncode}):\n{done.stderr}")
-    if profile:
-        print(done.stderr)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    child_args = [child_phase, str(export), str(out_dir)] + (["--profile"] if profile else [])
+    return harness.spawn_child(__file__, child_args, what=f"phase {phase!r}", echo_stderr=profile)
 
 
 def generate(n: int, path: Path, seed: int, invalid_share: float, one_line: bool) -> float:
     """Write the export; returns its size in MB."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from make_export import write_export
+    from make_export import write_export  # beside this script, like harness
     write_export(n, str(path), seed=seed, invalid_share=invalid_share, indent=not one_line)
     return path.stat().st_size / 2**20
 
@@ -161,8 +153,8 @@ def count_lines(path: Path) -> int:
     return lines
 
 
-def check_counts(label: str, summary: dict, out_dir: Path, n: int) -> list[str]:
-    """Every row in one bucket, every bucket matching the files on disk; returns failures."""
+def check_counts(label: str, summary: dict, out_dir: Path, n: int) -> list[tuple[str, bool]]:
+    """Every row in one bucket, every bucket matching the files on disk."""
     s = summary
     excluded = s["excluded_consent"] + s["excluded_demo"]
     in_files = {name: count_lines(out_dir / name) for name in s["outputs"]}
@@ -177,26 +169,17 @@ def check_counts(label: str, summary: dict, out_dir: Path, n: int) -> list[str]:
          and all(in_files[name] == c for name, c in s["outputs"].items())),
         (f"rejected.jsonl {rejected_lines:,} == rejected {s['rejected']:,}", rejected_lines == s["rejected"]),
     ]
-    return report_checks(label, checks)
+    return [(f"{label}: {text}", ok) for text, ok in checks]
 
 
-def report_checks(label: str, checks: list[tuple[str, bool]]) -> list[str]:
-    failures = []
-    for text, ok in checks:
-        print(f"  {label}: {text}  {'OK' if ok else 'MISMATCH'}")
-        if not ok:
-            failures.append(f"{label}: {text}")
-    return failures
+TABLE = [harness.Column("phase", "<20"), harness.Column("seconds", ">9.2f"), harness.Column("rows/s", ">10,.0f"),
+         harness.Column("RSS after imports MB", ">21.1f"), harness.Column("peak RSS MB", ">12.1f")]
 
 
 def print_table(results: dict[str, dict]) -> None:
-    head = f"{'phase':<20} {'seconds':>9} {'rows/s':>10} {'RSS after imports MB':>21} {'peak RSS MB':>12}"
-    print(head)
-    print("-" * len(head))
-    for phase, r in results.items():
-        rate = r["rows"] / r["seconds"] if r["seconds"] > 0 else float("inf")
-        print(f"{phase:<20} {r['seconds']:>9.2f} {rate:>10,.0f} {r['rss_after_imports_mb']:>21.1f} "
-              f"{r['peak_rss_mb']:>12.1f}")
+    harness.print_table(TABLE, [
+        (phase, r["seconds"], r["rows"] / r["seconds"] if r["seconds"] > 0 else float("inf"),
+         r["rss_after_imports_mb"], r["peak_rss_mb"]) for phase, r in results.items()])
     base = results["json.load"]
     for phase, r in results.items():
         if r["own_hwm_mb"] is not None and r["peak_rss_mb"] - r["own_hwm_mb"] > 1:
@@ -210,17 +193,14 @@ def print_table(results: dict[str, dict]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap = harness.parser(__doc__)
     ap.add_argument("--n", type=int, default=200_000, help="evaluations in the export (default 200,000)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs per phase, each a fresh process; the fastest is reported (default 1)")
     ap.add_argument("--invalid", type=float, default=0.01, metavar="SHARE",
                     help="share of rows with a score above maxScore, so rejection runs (default 0.01)")
     ap.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    ap.add_argument("--keep", metavar="DIR", type=Path,
-                    help="write the exports and outputs into DIR and keep them (default: a temporary dir)")
+    harness.add_keep(ap, help="write the exports and outputs into DIR and keep them (default: a temporary dir)")
     ap.add_argument("--profile", action="store_true",
                     help="then run the conversion once more under cProfile and print its hot spots")
     ap.add_argument("--child", nargs=3, metavar=("PHASE", "EXPORT", "OUT"), help=argparse.SUPPRESS)
@@ -237,46 +217,34 @@ def bench(args: argparse.Namespace, work: Path) -> int:
         size_mb = generate(args.n, path, args.seed, args.invalid, one_line=(kind == "one line"))
         print(f"export ({kind}): {path}, {args.n:,} evaluations, {size_mb:,.1f} MB, "
               f"generated in {time.perf_counter() - start:.1f} s")
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, best of {args.repeat}\n")
+    print(f"{harness.machine()}, best of {args.repeat}\n")
     inputs = {"json.load": exports["indented"], "convert": exports["indented"],
               "validate": exports["indented"], "convert (one line)": exports["one line"]}
     outs = {phase: work / ("out-" + phase.replace(" ", "-").replace("(", "").replace(")", ""))
             for phase in PHASES}
     results = {phase: measure(phase, inputs[phase], outs[phase], args.repeat) for phase in PHASES}
     print_table(results)
-    print("\ncounts:")
-    failures = []
+    checks = []
     for phase in ("convert", "convert (one line)"):
-        failures += check_counts(phase, results[phase]["summary"], outs[phase], args.n)
+        checks += check_counts(phase, results[phase]["summary"], outs[phase], args.n)
     indented, one_line = results["convert"]["summary"], results["convert (one line)"]["summary"]
     buckets = ("read", "written", "excluded_consent", "excluded_demo", "rejected", "skipped", "outputs")
-    failures += report_checks("both exports", [
-        ("the same counts in every bucket and file",
+    validate = results["validate"]
+    checks += [
+        ("both exports: the same counts in every bucket and file",
          all(indented[b] == one_line[b] for b in buckets)),
-        (f"validate: {results['validate']['rows']:,} rows, {results['validate']['rows_with_problems']:,} "
+        (f"both exports: validate: {validate['rows']:,} rows, {validate['rows_with_problems']:,} "
          f"with problems == rejected by convert {indented['rejected']:,}",
-         results["validate"]["rows"] == args.n
-         and results["validate"]["rows_with_problems"] == indented["rejected"])])
+         validate["rows"] == args.n and validate["rows_with_problems"] == indented["rejected"])]
+    failures = harness.report_checks(checks, heading="\ncounts:")
     if args.profile:
         print("\ncProfile of one conversion (indented export):")
         spawn("convert", exports["indented"], outs["convert"], profile=True)
-    if failures:
-        print(f"\n{len(failures)} count check(s) failed", file=sys.stderr)
-        return 1
-    return 0
+    return harness.finish(failures)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.child:
-        phase, export, out_dir = args.child
-        run_child(phase, Path(export), Path(out_dir), args.profile)
-        return 0
-    if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        return bench(args, args.keep)
-    with tempfile.TemporaryDirectory(prefix="bench-convert-") as work:
-        return bench(args, Path(work))
+    return harness.run_bench(parse_args(argv), bench, "bench-convert-", child=run_child)
 
 
 if __name__ == "__main__":

@@ -35,18 +35,18 @@ zero3-1; zero2-2, zero3-2) end with adapters equal within 1e-5.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+import harness
+from harness import REPO, Column
+
 CONFIGS = ("plain-1", "zero2-1", "zero2-2", "zero3-1", "zero3-2")
 SAME_BATCHES = (("plain-1", "zero2-1", "zero3-1"), ("zero2-2", "zero3-2"))
 ADAPTER_ATOL = 1e-5
@@ -82,7 +82,7 @@ def child(args: argparse.Namespace) -> dict:
                             callbacks=(probe.callback(),))
     try:
         recipe.setup()
-        probe.time_saves(recipe.trainer)
+        harness.time_saves(recipe.trainer, probe.save_s)
         setup_s = time.perf_counter() - started
         outcome = recipe.train()
     finally:
@@ -125,18 +125,6 @@ class Probe:
         if module.training:
             self.trained += int((kwargs["labels"] != -100).sum())
 
-    def time_saves(self, trainer) -> None:
-        save = trainer._save_checkpoint
-
-        def timed(*a, **kw):
-            start = time.perf_counter()
-            try:
-                return save(*a, **kw)
-            finally:
-                self.save_s.append(time.perf_counter() - start)
-
-        trainer._save_checkpoint = timed
-
 
 # --- parent ----------------------------------------------------------------------------
 
@@ -148,8 +136,8 @@ def run_config(args: argparse.Namespace, config: str, repeat: int) -> list[dict]
     port = _free_port()
     children = []
     for rank in range(procs):
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-               "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore::FutureWarning"}
+        env = {**os.environ, **harness.MODEL_ENV, "OMP_NUM_THREADS": str(args.threads),
+               "PYTHONWARNINGS": "ignore::FutureWarning"}
         if procs > 1 or config != "plain-1":
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(procs), LOCAL_WORLD_SIZE=str(procs),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -166,9 +154,7 @@ def run_config(args: argparse.Namespace, config: str, repeat: int) -> list[dict]
         out.seek(0), err.seek(0)
         text, errors = out.read(), err.read()
         out.close(), err.close()
-        if proc.returncode != 0:
-            sys.exit(f"{config} rank {rank} failed (exit {proc.returncode}):\n{errors[-4000:]}")
-        results.append(json.loads(text.strip().splitlines()[-1]))
+        results.append(harness.read_reply(f"{config} rank {rank}", proc.returncode, text, errors))
     results[0]["adapter"] = str(run_dir / "final" / "adapter_model.safetensors")
     return results
 
@@ -177,16 +163,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def convert(args: argparse.Namespace) -> Path:
-    out = args.work / "data"
-    cmd = [str(Path(sys.executable).parent / "slurmtune"), "convert", "speechgradebook", str(args.export),
-           "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr}")
-    return out / "train.jsonl"
 
 
 def summarize(runs: list[list[dict]]) -> dict:
@@ -206,15 +182,17 @@ def summarize(runs: list[list[dict]]) -> dict:
             "adapters": [ranks[0]["adapter"] for ranks in runs]}
 
 
+TABLE = [Column("config", "<8"), Column("procs", ">5"), Column("steps", ">5"), Column("trained/proc", ">12,"),
+         Column("step s", ">7.3f"), Column("tok/s/proc", ">10,.0f"), Column("min", ">6,.0f"),
+         Column("max", ">6,.0f"), Column("aggregate", ">9,.0f"), Column("ckpt s", ">7.3f"),
+         Column("setup s", ">7.1f")]
+
+
 def print_table(results: dict[str, dict]) -> None:
-    head = (f"{'config':<8} {'procs':>5} {'steps':>5} {'trained/proc':>12} {'step s':>7} {'tok/s/proc':>10} "
-            f"{'min':>6} {'max':>6} {'aggregate':>9} {'ckpt s':>7} {'setup s':>7}")
-    print(head)
-    print("-" * len(head))
-    for config, s in results.items():
-        print(f"{config:<8} {s['procs']:>5} {s['steps']:>5} {s['trained_per_process']:>12,} {s['step_s']:>7.3f} "
-              f"{s['per_process']:>10,.0f} {s['per_process_min']:>6,.0f} {s['per_process_max']:>6,.0f} "
-              f"{s['aggregate']:>9,.0f} {s['save_s']:>7.3f} {s['setup_s']:>7.1f}")
+    harness.print_table(TABLE, [
+        (config, s["procs"], s["steps"], s["trained_per_process"], s["step_s"], s["per_process"],
+         s["per_process_min"], s["per_process_max"], s["aggregate"], s["save_s"], s["setup_s"])
+        for config, s in results.items()])
     print()
     for stage in ("zero2", "zero3"):
         one, two = results[f"{stage}-1"], results[f"{stage}-2"]
@@ -244,21 +222,16 @@ def check(results: dict[str, dict]) -> list[str]:
                 checks.append((f"{config} (repeat {i + 1}) adapter vs {group[0]} (repeat 1): max abs diff "
                                f"{diff:.1e} < {ADAPTER_ATOL:g}",
                                first.keys() == other.keys() and diff < ADAPTER_ATOL))
-    failures = []
-    print("\nchecks:")
-    for text, ok in checks:
-        print(f"  {text}  {'OK' if ok else 'MISMATCH'}")
-        if not ok:
-            failures.append(text)
-    return failures
+    return harness.report_checks(checks)
 
 
-def bench(args: argparse.Namespace) -> int:
+def bench(args: argparse.Namespace, work: Path) -> int:
     started = time.perf_counter()
-    args.train_file = convert(args)
+    args.work = work  # the children get it as --work
+    args.train_file = harness.convert_export(args.export, args.work)
     subprocess.run([sys.executable, "-c", "import sys; from slurmtune.train.tiny_model import make_tiny_model; "
                     "make_tiny_model(sys.argv[1])", str(args.work / "tiny-llama")], check=True)
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {args.repeat} repeat(s), {args.threads} "
+    print(f"{harness.machine()}, {args.repeat} repeat(s), {args.threads} "
           f"thread(s) per process, batch {args.batch_size} per process, max_length {args.max_length}, "
           f"max_steps {args.max_steps}, save_steps {args.save_steps}, work folder {args.work}\n")
     runs: dict[str, list[list[dict]]] = {c: [] for c in CONFIGS}
@@ -267,31 +240,20 @@ def bench(args: argparse.Namespace) -> int:
             runs[config].append(run_config(args, config, i))
     results = {config: summarize(rs) for config, rs in runs.items()}
     print_table(results)
-    failures = check(results)
-    print(f"\nwhole bench {time.perf_counter() - started:.0f} s")
-    if failures:
-        print(f"\n{len(failures)} check(s) failed", file=sys.stderr)
-        return 1
-    return 0
+    return harness.finish(check(results), started)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[2:]))
-    ap.add_argument("--export", type=Path, default=REPO / "examples" / "speechgradebook" / "exported.json",
-                    help="SpeechGradebook export to convert (default: the bundled sample)")
+    ap = harness.parser(__doc__)
+    harness.add_export(ap)
     ap.add_argument("--repeat", type=int, default=2, help="fresh runs per configuration (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     ap.add_argument("--batch-size", type=int, default=4, help="train.batch_size per process (default 4)")
     ap.add_argument("--max-length", type=int, default=2048, help="train.max_length (default 2048)")
     ap.add_argument("--max-steps", type=int, default=10, help="train.max_steps (default 10)")
     ap.add_argument("--save-steps", type=int, default=5, help="train.save_steps (default 5)")
-    ap.add_argument("--keep", metavar="DIR", type=Path, help="work in DIR and keep it (default: a temporary dir)")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--train-file", type=Path, help=argparse.SUPPRESS)
+    harness.add_keep(ap)
+    harness.add_training_child(ap)
     args = ap.parse_args(argv)
     if min(args.repeat, args.threads, args.batch_size, args.max_length, args.max_steps, args.save_steps) < 1:
         ap.error("expected every number >= 1")
@@ -299,18 +261,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.child:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        print(json.dumps(child(args)))
-        return 0
-    if args.keep:
-        args.work = args.keep.resolve()
-        args.work.mkdir(parents=True, exist_ok=True)
-        return bench(args)
-    with tempfile.TemporaryDirectory(prefix="bench-deepspeed-") as work:
-        args.work = Path(work)
-        return bench(args)
+    return harness.run_bench(parse_args(argv), bench, "bench-deepspeed-", child=child)
 
 
 if __name__ == "__main__":

@@ -39,17 +39,17 @@ import argparse
 import glob
 import hashlib
 import json
-import os
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+import harness
+from harness import Column, slurmtune
+
 BATCH_SIZES = (1, 8, 16)
 SHARDS = (1, 4)
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
@@ -127,23 +127,6 @@ def child_generate(args: argparse.Namespace) -> dict:
 
 # --- parent: runs ----------------------------------------------------------------------------
 
-def slurmtune(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [str(Path(sys.executable).parent / "slurmtune"), *argv]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if check and done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
-                           f"{done.stderr[-3000:]}")
-    return done
-
-
-def run_dir_from(stdout: str) -> Path:
-    lines = stdout.splitlines()
-    for i, line in enumerate(lines[:-1]):
-        if line.startswith("run "):
-            return Path(lines[i + 1].strip())
-    raise RuntimeError(f"no run folder in slurmtune's output:\n{stdout}")
-
-
 def quickstart_run(work: Path, shards: int) -> tuple[Path, float]:
     """A finished local quickstart run with eval.shards=``shards`` (reused when --keep has one)."""
     root = work / f"runs-shards-{shards}"
@@ -152,7 +135,7 @@ def quickstart_run(work: Path, shards: int) -> tuple[Path, float]:
         return done[-1].parent, 0.0
     start = time.perf_counter()
     out = slurmtune("run", "manifests/quickstart.yaml", f"output_dir={root}", f"eval.shards={shards}")
-    return run_dir_from(out.stdout), time.perf_counter() - start
+    return harness.folder_from(out.stdout), time.perf_counter() - start
 
 
 def sha256(path: Path) -> str:
@@ -164,13 +147,9 @@ def spawn_generate(args: argparse.Namespace, run_dir: Path) -> dict:
     import yaml
     model = yaml.safe_load(manifest.read_text(encoding="utf-8"))["model"]["path"]
     prompts = [str(run_dir / "data" / "train.jsonl"), str(run_dir / "data" / "validation.jsonl")]
-    cmd = [sys.executable, __file__, "--child", "--model", model, "--adapter", str(run_dir / "final"),
-           "--repeat", str(args.repeat), "--max-new-tokens", str(args.max_new_tokens), "--prompt-files", *prompts]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        sys.exit(f"generation child failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    child_args = ["--model", model, "--adapter", str(run_dir / "final"), "--repeat", str(args.repeat),
+                  "--max-new-tokens", str(args.max_new_tokens), "--prompt-files", *prompts]
+    return harness.spawn_child(__file__, child_args, what="generation child", env=harness.MODEL_ENV)
 
 
 def report_generation(gen: dict, args: argparse.Namespace) -> list[str]:
@@ -179,11 +158,6 @@ def report_generation(gen: dict, args: argparse.Namespace) -> list[str]:
           f"{statistics.median(lengths):,.0f}), greedy, max_new_tokens {args.max_new_tokens}, "
           f"{len(gen['rounds'])} round(s) after a warm-up, each interleaving the batch sizes over "
           f"{gen['groups']} length-sorted groups of up to {max(BATCH_SIZES)} prompts\n")
-    head = (f"{'batch':>5} {'batches':>7} {'gen tokens':>10} {'slots':>7} {'median s':>9} {'best s':>7} "
-            f"{'tok/s (median)':>14} {'tok/s (best)':>12} {'tok/CPU-s':>9} {'vs batch 1 (best)':>17} "
-            f"{'(median)':>8}")
-    print(head)
-    print("-" * len(head))
     stats = {}
     for bs in BATCH_SIZES:
         runs = [rnd[str(bs)] for rnd in gen["rounds"]]
@@ -191,14 +165,24 @@ def report_generation(gen: dict, args: argparse.Namespace) -> list[str]:
         stats[bs] = {"median": statistics.median(secs), "best": min(secs), "tokens": runs[0]["tokens"],
                      "slots": runs[0]["slots"], "cpu": statistics.median(r["cpu_s"] for r in runs)}
     base = stats[1]
-    for bs, s in stats.items():
-        batches = -(-gen["prompts"] // bs)
-        print(f"{bs:>5} {batches:>7} {s['tokens']:>10,} {s['slots']:>7,} {s['median']:>9.2f} {s['best']:>7.2f} "
-              f"{s['tokens'] / s['median']:>14,.0f} {s['tokens'] / s['best']:>12,.0f} "
-              f"{s['tokens'] / s['cpu']:>9,.0f} {base['best'] / s['best']:>16.2f}x {base['median'] / s['median']:>7.2f}x")
-    failures = []
+    harness.print_table(GENERATION_TABLE, [
+        (bs, -(-gen["prompts"] // bs), s["tokens"], s["slots"], s["median"], s["best"], s["tokens"] / s["median"],
+         s["tokens"] / s["best"], s["tokens"] / s["cpu"], base["best"] / s["best"], base["median"] / s["median"])
+        for bs, s in stats.items()])
+    return harness.report_checks(generation_checks(gen))
+
+
+GENERATION_TABLE = [
+    Column("batch", ">5"), Column("batches", ">7"), Column("gen tokens", ">10,"), Column("slots", ">7,"),
+    Column("median s", ">9.2f"), Column("best s", ">7.2f"), Column("tok/s (median)", ">14,.0f"),
+    Column("tok/s (best)", ">12,.0f"), Column("tok/CPU-s", ">9,.0f"),
+    Column("vs batch 1 (best)", ">16.2f", suffix="x"), Column("(median)", ">7.2f", suffix="x")]
+
+
+def generation_checks(gen: dict) -> list[tuple[str, bool]]:
+    """Every batch size's answers and token ids against batch 1's of the first round."""
     reference = gen["rounds"][0]["1"]
-    print("\nchecks:")
+    checks = []
     for bs in BATCH_SIZES:
         differ = set()
         for rnd in gen["rounds"]:
@@ -210,10 +194,8 @@ def report_generation(gen: dict, args: argparse.Namespace) -> list[str]:
                 f"({gen['prompts']} prompts)" if not differ else
                 f"batch {bs}: {len(differ - {-1})} answer(s) differ from batch 1"
                 + (" (token ids differ)" if -1 in differ else ""))
-        print(f"  {text}  {'OK' if not differ else 'MISMATCH'}")
-        if differ:
-            failures.append(text)
-    return failures
+        checks.append((text, not differ))
+    return checks
 
 
 # --- parent: the eval array on the cluster ---------------------------------------------------
@@ -252,7 +234,7 @@ def submit_eval(run_dir: Path, shards: int, args: argparse.Namespace) -> dict:
     t0 = time.time()
     out = slurmtune("submit", "eval", str(run_dir), "--cluster", args.cluster)
     cli_s = time.time() - t0
-    steps = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["steps"]
+    steps = harness.run_steps(run_dir)
     job_id = steps[-1]["job_ids"][0]
     if steps[-1]["name"] != "eval" or steps[-1]["array_size"] != shards:
         raise RuntimeError(f"unexpected last step in {run_dir}/run.json: {steps[-1]}\n{out.stdout}")
@@ -282,10 +264,9 @@ def merged_answers(run_dir: Path, shards: int) -> list[str] | None:
 def cancel_leftovers(run_dirs: list[Path]) -> None:
     ids = []
     for run_dir in run_dirs:
-        path = run_dir / "run.json"
-        if path.is_file():
-            steps = json.loads(path.read_text(encoding="utf-8"))["steps"]
-            ids += [j for s in steps if s["name"] == "eval" for j in s["job_ids"] if j.isdigit() and len(j) < 9]
+        if (run_dir / "run.json").is_file():
+            ids += [j for s in harness.run_steps(run_dir) if s["name"] == "eval"
+                    for j in s["job_ids"] if j.isdigit() and len(j) < 9]
     if ids:
         subprocess.run(["scancel", *ids], capture_output=True)
 
@@ -305,38 +286,31 @@ def bench_eval_array(runs: dict[int, Path], args: argparse.Namespace) -> list[st
           f"eval.batch_size {eval_cfg['batch_size']}, max_new_tokens {eval_cfg['max_new_tokens']}, "
           f"array_parallelism {eval_cfg['array_parallelism']}, {args.repeat} submission(s) per shard count, "
           "times from sacct (1 s resolution)\n")
-    head = (f"{'shards':>6} {'submit->last end s':>18} {'first start->last end s':>23} {'queue wait s':>12} "
-            f"{'mean task s':>11} {'CLI s':>6} {'vs 1 shard':>10}")
-    print(head)
-    print("-" * len(head))
-    med = {n: {k: statistics.median(s[k] for s in samples[n])
-               for k in ("submit_to_end", "start_to_end", "queue_wait", "task_mean", "cli_s")} for n in SHARDS}
-    for n in SHARDS:
-        m = med[n]
-        print(f"{n:>6} {m['submit_to_end']:>18.1f} {m['start_to_end']:>23.1f} {m['queue_wait']:>12.1f} "
-              f"{m['task_mean']:>11.1f} {m['cli_s']:>6.2f} {med[1]['submit_to_end'] / m['submit_to_end']:>9.2f}x")
+    keys = ("submit_to_end", "start_to_end", "queue_wait", "task_mean", "cli_s")
+    med = {n: {k: statistics.median(s[k] for s in samples[n]) for k in keys} for n in SHARDS}
+    harness.print_table(EVAL_TABLE, [(n, *(med[n][k] for k in keys), med[1]["submit_to_end"] / med[n]["submit_to_end"])
+                                     for n in SHARDS])
     for n in SHARDS:
         print(f"  {n} shard(s), each submission (submit->last end s): "
               + ", ".join(f"{s['submit_to_end']:.0f} (job {s['job_id']})" for s in samples[n]))
-    failures = []
-    print("\nchecks:")
     reference = samples[1][0]["answers"]
-    for n in SHARDS:
-        for s in samples[n]:
-            ok = s["states"] == ["COMPLETED"] and s["answers"] is not None and s["answers"] == reference
-            text = (f"{n} shard(s), job {s['job_id']}: tasks {'/'.join(s['states'])}, "
-                    f"merged answers {'identical to' if s['answers'] == reference else 'DIFFER from'} the first 1-shard run")
-            print(f"  {text}  {'OK' if ok else 'MISMATCH'}")
-            if not ok:
-                failures.append(text)
-    return failures
+    return harness.report_checks(
+        (f"{n} shard(s), job {s['job_id']}: tasks {'/'.join(s['states'])}, "
+         f"merged answers {'identical to' if s['answers'] == reference else 'DIFFER from'} the first 1-shard run",
+         s["states"] == ["COMPLETED"] and s["answers"] is not None and s["answers"] == reference)
+        for n in SHARDS for s in samples[n])
+
+
+EVAL_TABLE = [Column("shards", ">6"), Column("submit->last end s", ">18.1f"),
+              Column("first start->last end s", ">23.1f"), Column("queue wait s", ">12.1f"),
+              Column("mean task s", ">11.1f"), Column("CLI s", ">6.2f"), Column("vs 1 shard", ">9.2f", suffix="x")]
 
 
 # --- main ------------------------------------------------------------------------------------
 
 def bench(args: argparse.Namespace, work: Path) -> int:
     started = time.perf_counter()
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {args.repeat} repeat(s), work folder {work}")
+    print(f"{harness.machine()}, {args.repeat} repeat(s), work folder {work}")
     runs = {}
     for shards in SHARDS:
         runs[shards], seconds = quickstart_run(work, shards)
@@ -351,22 +325,15 @@ def bench(args: argparse.Namespace, work: Path) -> int:
     if not args.skip_generation:
         failures += report_generation(spawn_generate(args, runs[1]), args)
     if not args.skip_cluster:
-        if not shutil.which("sbatch") or subprocess.run(["sinfo", "-h"], capture_output=True).returncode != 0:
-            print("no SLURM cluster answers: start the test cluster with "
-                  "eval \"$(env/test-cluster/start.sh | tail -n 1)\", or pass --skip-cluster", file=sys.stderr)
+        if not harness.cluster_answers():
+            print(f"{harness.NO_CLUSTER}, or pass --skip-cluster", file=sys.stderr)
             return 2
         failures += bench_eval_array(runs, args)
-    print(f"\nwhole bench {time.perf_counter() - started:.0f} s")
-    if failures:
-        print(f"\n{len(failures)} check(s) failed:\n  " + "\n  ".join(failures), file=sys.stderr)
-        return 1
-    return 0
+    return harness.finish(failures, started)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap = harness.parser(__doc__)
     ap.add_argument("--repeat", type=int, default=3,
                     help="rounds of every batch size, and eval submissions per shard count (default 3)")
     ap.add_argument("--max-new-tokens", type=int, default=64,
@@ -375,8 +342,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--skip-cluster", action="store_true", help="generation only; no eval array submissions")
     ap.add_argument("--skip-generation", action="store_true", help="eval array only; no generation timing")
     ap.add_argument("--eval-timeout", type=float, default=600, help="seconds to wait for one eval array (default 600)")
-    ap.add_argument("--keep", metavar="DIR", type=Path,
-                    help="work in DIR and keep it; finished quickstart runs found there are reused")
+    harness.add_keep(ap, help="work in DIR and keep it; finished quickstart runs found there are reused")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--adapter", help=argparse.SUPPRESS)
@@ -388,17 +354,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.child:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        print(json.dumps(child_generate(args)))
-        return 0
-    if args.keep:
-        args.keep = args.keep.resolve()
-        args.keep.mkdir(parents=True, exist_ok=True)
-        return bench(args, args.keep)
-    with tempfile.TemporaryDirectory(prefix="bench-generate-") as work:
-        return bench(args, Path(work))
+    return harness.run_bench(parse_args(argv), bench, "bench-generate-", child=child_generate)
 
 
 if __name__ == "__main__":

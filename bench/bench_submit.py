@@ -40,19 +40,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+import harness
+from harness import REPO, Column, SbatchLog, folder_from, job_ids_of, run_steps
+
 CASES = {"one job": ["submit", "convert"], "pipeline": ["run"]}
 PIPELINE_STEPS = 5  # convert, validate, train, eval (one array job), report
 METHODS = ("fresh", "in-process", "raw")
@@ -83,63 +82,16 @@ class Case:
     samples: dict[str, list[Sample]] = field(default_factory=lambda: {m: [] for m in METHODS})
 
 
-# --- the sbatch wrapper: count every call, hold every job -------------------------------
-
-class SbatchLog:
-    """An ``sbatch`` first on PATH that logs its arguments and execs the real one with --hold."""
-
-    def __init__(self, work: Path):
-        real = shutil.which("sbatch")
-        self.path = work / "sbatch-calls.log"
-        bin_dir = work / "bin"
-        bin_dir.mkdir(parents=True, exist_ok=True)
-        wrapper = bin_dir / "sbatch"
-        # /bin/sh, not bash: the wrapper's own cost (about 1 ms) lands on every method alike.
-        wrapper.write_text(f'#!/bin/sh\necho "$*" >> {shlex.quote(str(self.path))}\n'
-                           f'exec {shlex.quote(real)} --hold "$@"\n', encoding="utf-8")
-        wrapper.chmod(0o755)
-        # Fresh processes and the in-process calls (submitit runs "sbatch" by name) both see it.
-        os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-
-    def reset(self) -> None:
-        self.path.write_text("", encoding="utf-8")
-
-    def count(self) -> int:
-        return len(self.path.read_text(encoding="utf-8").splitlines())
-
-
 # --- the three ways to submit -----------------------------------------------------------
 
 def slurmtune_argv(case: str, args: argparse.Namespace, out_dir: Path) -> list[str]:
     return [*CASES[case], str(args.manifest), f"output_dir={out_dir}", "--cluster", args.cluster]
 
 
-def run_dir_from(stdout: str) -> Path:
-    """`run ID` then its folder on the next line: the first thing both commands print."""
-    lines = stdout.splitlines()
-    for i, line in enumerate(lines[:-1]):
-        if line.startswith("run "):
-            return Path(lines[i + 1].strip())
-    raise RuntimeError(f"no run folder in slurmtune's output:\n{stdout}")
-
-
-def run_steps(run_dir: Path) -> list[dict]:
-    return json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["steps"]
-
-
-def job_ids_of(run_dir: Path) -> list[str]:
-    return [jid for step in run_steps(run_dir) for jid in step["job_ids"]]
-
-
 def submit_fresh(case: str, args: argparse.Namespace, out_dir: Path, log: SbatchLog) -> Sample:
-    argv = [args.slurmtune, *slurmtune_argv(case, args, out_dir)]
     log.reset()
-    start = time.perf_counter()
-    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"{shlex.join(argv)} failed (exit {done.returncode}):\n{done.stderr}")
-    return Sample(seconds, job_ids_of(run_dir_from(done.stdout)), log.count())
+    done, seconds = harness.timed_slurmtune(*slurmtune_argv(case, args, out_dir))
+    return Sample(seconds, job_ids_of(folder_from(done.stdout)), len(log.calls()))
 
 
 def submit_in_process(case: str, args: argparse.Namespace, out_dir: Path, log: SbatchLog,
@@ -154,8 +106,8 @@ def submit_in_process(case: str, args: argparse.Namespace, out_dir: Path, log: S
     seconds = time.perf_counter() - start
     if rc != 0:
         raise RuntimeError(f"slurmtune {shlex.join(argv)} returned {rc}:\n{printed.getvalue()}")
-    run_dir = run_dir_from(printed.getvalue())
-    return Sample(seconds, job_ids_of(run_dir), log.count()), run_dir
+    run_dir = folder_from(printed.getvalue())
+    return Sample(seconds, job_ids_of(run_dir), len(log.calls())), run_dir
 
 
 def write_chain(scripts: list[Path], path: Path) -> None:
@@ -177,27 +129,15 @@ def submit_raw(chain: Path, log: SbatchLog) -> Sample:
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"raw sbatch chain {chain} failed (exit {done.returncode}):\n{done.stderr}")
-    return Sample(seconds, done.stdout.split(), log.count())
+    return Sample(seconds, done.stdout.split(), len(log.calls()))
 
 
 # --- held, then cancelled ---------------------------------------------------------------
 
 def check_held_and_cancel(ids: list[str], what: str) -> list[str]:
     """Problems, if any job of ``ids`` is not pending with priority 0; cancels them all either way."""
-    shown = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%F|%T|%Q"],
-                           capture_output=True, text=True)
-    seen: dict[str, list[tuple[str, str]]] = {}
-    for line in shown.stdout.splitlines():
-        array_id, state, priority = line.split("|")
-        seen.setdefault(array_id, []).append((state, priority))
+    problems = harness.held_problems(ids, what)
     subprocess.run(["scancel", *ids], capture_output=True)
-    problems = []
-    for jid in ids:
-        rows = seen.get(jid)
-        if not rows:
-            problems.append(f"{what}: job {jid} not in squeue (it ran, or was cancelled by someone else)")
-        elif any(state != "PENDING" or priority != "0" for state, priority in rows):
-            problems.append(f"{what}: job {jid} not held: {rows}")
     return problems
 
 
@@ -270,19 +210,22 @@ def calls(samples: list[Sample]) -> int:
     return max(s.sbatch_calls for s in samples)
 
 
+TABLE = [Column("case", "<9"),
+         Column("slurmtune fresh s", ">9.3f", under="median", span=2), Column("", ">8.3f", under="min"),
+         Column("slurmtune in-process s", ">11.3f", under="median", span=2), Column("", ">11.3f", under="min"),
+         Column("raw sbatch s", ">7.3f", under="median", span=2), Column("", ">6.3f", under="min"),
+         Column("fresh/raw", ">9.1f", suffix="x", under="(median)"),
+         Column("in-proc/raw", ">11.1f", suffix="x", under="(median)"),
+         Column("sbatch calls", ">13", under="fresh/in/raw")]
+
+
 def print_table(cases: list[Case]) -> None:
-    head = (f"{'case':<9} {'slurmtune fresh s':>18} {'slurmtune in-process s':>23} {'raw sbatch s':>14} "
-            f"{'fresh/raw':>10} {'in-proc/raw':>12} {'sbatch calls':>13}")
-    sub = (f"{'':<9} {'median':>9} {'min':>8} {'median':>11} {'min':>11} {'median':>7} {'min':>6} "
-           f"{'(median)':>10} {'(median)':>12} {'fresh/in/raw':>13}")
-    print(head)
-    print(sub)
-    print("-" * len(head))
+    rows = []
     for case in cases:
         (f_med, f_min), (i_med, i_min), (r_med, r_min) = (median_min(case.samples[m]) for m in METHODS)
         counts = "/".join(str(calls(case.samples[m])) for m in METHODS)
-        print(f"{case.name:<9} {f_med:>9.3f} {f_min:>8.3f} {i_med:>11.3f} {i_min:>11.3f} {r_med:>7.3f} "
-              f"{r_min:>6.3f} {f_med / r_med:>9.1f}x {i_med / r_med:>11.1f}x {counts:>13}")
+        rows.append((case.name, f_med, f_min, i_med, i_min, r_med, r_min, f_med / r_med, i_med / r_med, counts))
+    harness.print_table(TABLE, rows)
 
 
 def print_breakdown(cases: list[Case], overheads: dict[str, list[float]]) -> None:
@@ -296,18 +239,16 @@ def print_breakdown(cases: list[Case], overheads: dict[str, list[float]]) -> Non
               f"raw sbatch {r_med / n_jobs * 1000:.1f} ms; untimed first in-process call {case.warmup_s:.3f} s")
 
 
-def check_counts(cases: list[Case]) -> list[str]:
-    problems = []
+def check_counts(cases: list[Case]) -> list[tuple[str, bool]]:
+    checks = []
     for case in cases:
         raw = calls(case.samples["raw"])
         for method in ("fresh", "in-process"):
             made = calls(case.samples[method])
-            ok = made <= raw and (case.name != "pipeline" or made == PIPELINE_STEPS)
-            print(f"  {case.name} {method}: {made} sbatch call(s), raw {raw}"
-                  + ("" if case.name != "pipeline" else f", steps {PIPELINE_STEPS}") + f"  {'OK' if ok else 'MISMATCH'}")
-            if not ok:
-                problems.append(f"{case.name} {method}: {made} sbatch calls (raw: {raw})")
-    return problems
+            steps = f", steps {PIPELINE_STEPS}" if case.name == "pipeline" else ""
+            checks.append((f"{case.name} {method}: {made} sbatch call(s), raw {raw}{steps}",
+                           made <= raw and (case.name != "pipeline" or made == PIPELINE_STEPS)))
+    return checks
 
 
 def profile_run(args: argparse.Namespace, work: Path, log: SbatchLog) -> list[str]:
@@ -327,50 +268,40 @@ def profile_run(args: argparse.Namespace, work: Path, log: SbatchLog) -> list[st
 # --- main -------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap = harness.parser(__doc__)
     ap.add_argument("--repeat", type=int, default=5, help="submissions per case and method (default 5)")
     ap.add_argument("--manifest", type=Path, default=REPO / "manifests" / "quickstart.yaml",
                     help="manifest to submit; its pipeline must have 5 steps (default manifests/quickstart.yaml)")
     ap.add_argument("--cluster", default="local-test", help="cluster profile (default local-test)")
-    ap.add_argument("--keep", metavar="DIR", type=Path,
-                    help="write run folders, scripts and the sbatch log into DIR and keep them")
+    harness.add_keep(ap, help="write run folders, scripts and the sbatch log into DIR and keep them")
     ap.add_argument("--profile", action="store_true",
                     help=f"profile one in-process `run` even when in-process/raw <= {PROFILE_RATIO:g}x")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error("expected --repeat >= 1")
     args.manifest = args.manifest.resolve()
-    # The console script a user runs, from the same environment as this interpreter.
-    script = Path(sys.executable).parent / "slurmtune"
-    if not script.is_file():
+    if not harness.SLURMTUNE.is_file():
         ap.error(f"no slurmtune console script beside {sys.executable}: run it with the venv's python")
-    args.slurmtune = str(script)
     return args
 
 
 def bench(args: argparse.Namespace, work: Path) -> int:
-    if not shutil.which("sbatch") or subprocess.run(["sinfo", "-h"], capture_output=True).returncode != 0:
-        print("no SLURM cluster answers (sbatch missing or sinfo failed): start the test cluster with "
-              "eval \"$(env/test-cluster/start.sh | tail -n 1)\"", file=sys.stderr)
+    if not harness.cluster_answers():
+        print(harness.NO_CLUSTER, file=sys.stderr)
         return 2
     log = SbatchLog(work)
     os.chdir(REPO)  # as the fresh processes run
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {args.repeat} repeats, "
+    print(f"{harness.machine()}, {args.repeat} repeats, "
           f"manifest {args.manifest.relative_to(REPO) if args.manifest.is_relative_to(REPO) else args.manifest}, "
           f"cluster {args.cluster}, run folders in {work}\n")
     try:
         problems = report(args, work, log)
-    except RuntimeError as e:
+    except (RuntimeError, harness.ChildFailed) as e:
         print(f"submission failed: {e}", file=sys.stderr)
         return 1
     finally:
         cancel_leftovers(work)
-    if problems:
-        print(f"\n{len(problems)} check(s) failed:\n  " + "\n  ".join(problems), file=sys.stderr)
-        return 1
-    return 0
+    return harness.finish(problems)
 
 
 def report(args: argparse.Namespace, work: Path, log: SbatchLog) -> list[str]:
@@ -380,8 +311,7 @@ def report(args: argparse.Namespace, work: Path, log: SbatchLog) -> list[str]:
     problems = measure(cases, args, work, log, overheads)
     print_table(cases)
     print_breakdown(cases, overheads)
-    print("\nsbatch calls:")
-    problems += check_counts(cases)
+    problems += harness.report_checks(check_counts(cases), heading="\nsbatch calls:")
     worst = max(median_min(c.samples["in-process"])[0] / median_min(c.samples["raw"])[0] for c in cases)
     if args.profile or worst > PROFILE_RATIO:
         problems += profile_run(args, work, log)
@@ -389,13 +319,7 @@ def report(args: argparse.Namespace, work: Path, log: SbatchLog) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.keep:
-        args.keep = args.keep.resolve()
-        args.keep.mkdir(parents=True, exist_ok=True)
-        return bench(args, args.keep)
-    with tempfile.TemporaryDirectory(prefix="bench-submit-") as work:
-        return bench(args, Path(work))
+    return harness.run_bench(parse_args(argv), bench, "bench-submit-")
 
 
 if __name__ == "__main__":

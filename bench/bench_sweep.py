@@ -44,15 +44,15 @@ import io
 import json
 import os
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+import harness
+from harness import REPO, Column, SbatchLog, job_ids_of
+
 METHODS = ("fresh", "in-process", "raw")
 PHASES = ("preflight queries", "expand (the override sets)", "trial configs (apply_values)",
           "trial folders (Run.create_at)", "task pickles + rest of submit", "sbatch", "other")
@@ -77,27 +77,6 @@ sweep:
   parallelism: 4
 """, encoding="utf-8")
     return manifest
-
-
-class SbatchLog:
-    """An ``sbatch`` first on PATH that logs its arguments and execs the real one with --hold."""
-
-    def __init__(self, work: Path):
-        self.real = shutil.which("sbatch")
-        self.path = work / "sbatch-calls.log"
-        bin_dir = work / "bin"
-        bin_dir.mkdir(parents=True, exist_ok=True)
-        wrapper = bin_dir / "sbatch"
-        wrapper.write_text(f'#!/bin/sh\necho "$*" >> {shlex.quote(str(self.path))}\n'
-                           f'exec {shlex.quote(self.real)} --hold "$@"\n', encoding="utf-8")
-        wrapper.chmod(0o755)
-        os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-
-    def reset(self) -> None:
-        self.path.write_text("", encoding="utf-8")
-
-    def calls(self) -> list[str]:
-        return self.path.read_text(encoding="utf-8").splitlines()
 
 
 # --- child: the CLI in-process, with timers --------------------------------------------------
@@ -128,23 +107,23 @@ class Timers:
         setattr(owner, attr, classmethod(timed) if classmethod_ else timed)
 
 
-def child_in_process(argv: list[str]) -> dict:
+def child_in_process(args: argparse.Namespace) -> dict:
+    argv = json.loads(args.child)  # the slurmtune command line, as sweep_argv made it
     import submitit.core.utils
-    import slurmtune.jobs.trial as jobs_sweep
+    import slurmtune.jobs.pipeline as pipeline  # imported lazily by the CLI: create_sweep, expand, submit_trials
     import slurmtune.cluster.slurm
     import slurmtune.runs.sweep
     from slurmtune.cli.main import main
     from slurmtune.runs.folder import Run
-    import slurmtune.jobs.pipeline  # noqa: F401  (imported lazily by the CLI)
     import slurmtune.checks  # noqa: F401
 
     timers = Timers()
     timers.wrap(slurmtune.cluster.slurm, "_run", "preflight queries")
-    timers.wrap(jobs_sweep, "create_sweep", "create_sweep")
-    timers.wrap(jobs_sweep, "expand", "expand")
+    timers.wrap(pipeline, "create_sweep", "create_sweep")
+    timers.wrap(pipeline, "expand", "expand")
     timers.wrap(slurmtune.runs.sweep, "apply_values", "trial configs (apply_values)")  # called by expand
     timers.wrap(Run, "create_at", "trial folders (Run.create_at)", classmethod_=True)
-    timers.wrap(jobs_sweep, "submit_trials", "submit_trials")
+    timers.wrap(pipeline, "submit_trials", "submit_trials")
     timers.wrap(submitit.core.utils.CommandFunction, "__call__", "sbatch")
     printed = io.StringIO()
     start = time.perf_counter()
@@ -170,44 +149,22 @@ def child_in_process(argv: list[str]) -> dict:
 
 # --- the three ways ----------------------------------------------------------------------
 
-def sweep_dir_from(stdout: str) -> Path:
-    lines = stdout.splitlines()
-    for i, line in enumerate(lines[:-1]):
-        if line.startswith("sweep "):
-            return Path(lines[i + 1].strip())
-    raise RuntimeError(f"no sweep folder in slurmtune's output:\n{stdout}")
-
-
-def job_ids_of(run_dir: Path) -> list[str]:
-    steps = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["steps"]
-    return [jid for step in steps for jid in step["job_ids"]]
-
-
 def sweep_argv(args: argparse.Namespace) -> list[str]:
     return ["sweep", str(args.manifest), "--cluster", args.cluster, "--hold"]
 
 
 def submit_fresh(args: argparse.Namespace, log: SbatchLog) -> dict:
-    argv = [str(Path(sys.executable).parent / "slurmtune"), *sweep_argv(args)]
     log.reset()
-    start = time.perf_counter()
-    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"{shlex.join(argv)} failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
-    run_dir = sweep_dir_from(done.stdout)
+    done, seconds = harness.timed_slurmtune(*sweep_argv(args))
+    run_dir = harness.folder_from(done.stdout, "sweep")
     return {"seconds": seconds, "run_dir": run_dir, "job_ids": job_ids_of(run_dir), "sbatch_calls": len(log.calls()),
             "sbatch_log": log.calls()}
 
 
 def submit_in_process(args: argparse.Namespace, log: SbatchLog) -> dict:
     log.reset()
-    cmd = [sys.executable, __file__, "--child", json.dumps(sweep_argv(args))]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"in-process child failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    run_dir = sweep_dir_from(result["stdout"])
+    result = harness.spawn_child(__file__, [json.dumps(sweep_argv(args))], what="in-process child", cwd=REPO)
+    run_dir = harness.folder_from(result["stdout"], "sweep")
     result.update(run_dir=run_dir, job_ids=job_ids_of(run_dir), sbatch_logged=len(log.calls()))
     return result
 
@@ -236,29 +193,8 @@ def submit_raw(script: Path) -> dict:
 
 # --- held, cancelled, gone -----------------------------------------------------------------
 
-def held_problems(ids: list[str], what: str) -> list[str]:
-    """Problems, if any job of ``ids`` is not pending with priority 0."""
-    shown = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%F|%T|%Q"],
-                           capture_output=True, text=True)
-    seen: dict[str, list[tuple[str, str]]] = {}
-    for line in shown.stdout.splitlines():
-        array_id, state, priority = line.split("|")
-        seen.setdefault(array_id, []).append((state, priority))
-    problems = []
-    for jid in ids:
-        rows = seen.get(jid)
-        if not rows:
-            problems.append(f"{what}: job {jid} not in squeue")
-        elif any(state != "PENDING" or priority != "0" for state, priority in rows):
-            problems.append(f"{what}: job {jid} not held: {rows[:3]}")
-    return problems[:5] + ([f"{what}: ... {len(problems) - 5} more"] if len(problems) > 5 else [])
-
-
 def cancel_sweep(run_dir: Path) -> None:
-    done = subprocess.run([str(Path(sys.executable).parent / "slurmtune"), "cancel", str(run_dir)],
-                          cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"slurmtune cancel {run_dir} failed:\n{done.stderr}")
+    harness.slurmtune("cancel", str(run_dir))
 
 
 def ours_in_queue(name: str) -> list[str]:
@@ -279,11 +215,11 @@ def measure(args: argparse.Namespace, log: SbatchLog, raw_script: Path) -> tuple
                 continue
             if method == "raw":
                 sample = submit_raw(raw_script)
-                problems += held_problems(sample["job_ids"], f"raw repeat {r + 1}")
+                problems += harness.held_problems(sample["job_ids"], f"raw repeat {r + 1}")
                 subprocess.run(["scancel", *sample["job_ids"]], capture_output=True)
             else:
                 sample = submit_fresh(args, log) if method == "fresh" else submit_in_process(args, log)
-                problems += held_problems(sample["job_ids"], f"{method} repeat {r + 1}")
+                problems += harness.held_problems(sample["job_ids"], f"{method} repeat {r + 1}")
                 cancel_sweep(sample["run_dir"])
                 sample["folder_count"] = len(list((sample["run_dir"] / "trials").iterdir()))
                 sample["files"] = sum(len(files) for _, _, files in os.walk(sample["run_dir"]))
@@ -295,21 +231,21 @@ def med(samples: list[dict], key: str = "seconds") -> float:
     return statistics.median(s[key] for s in samples)
 
 
+TABLE = [Column("method", "<38"), Column("sbatch calls", ">12"), Column("jobs", ">5"), Column("median s", ">9.2f"),
+         Column("min s", ">7.2f"), Column("per trial ms", ">12.2f"), Column("raw / this", ">9.2f", suffix="x")]
+
+
 def print_table(samples: dict[str, list[dict]], trials: int) -> None:
-    head = (f"{'method':<38} {'sbatch calls':>12} {'jobs':>5} {'median s':>9} {'min s':>7} "
-            f"{'per trial ms':>12} {'raw / this':>10}")
-    print(head)
-    print("-" * len(head))
     raw = med(samples["raw"])
     labels = {"fresh": "slurmtune sweep --hold (fresh CLI)", "in-process": "slurmtune sweep (in-process, timed)",
               "raw": f"raw: {trials} x sbatch --hold --wrap true"}
+    rows = []
     for method in METHODS:
         s = samples[method]
-        calls = max(x["sbatch_calls"] for x in s)
-        jobs = max(len(x["job_ids"]) for x in s)
         m = med(s)
-        print(f"{labels[method]:<38} {calls:>12} {jobs:>5} {m:>9.2f} {min(x['seconds'] for x in s):>7.2f} "
-              f"{m / trials * 1000:>12.2f} {raw / m:>9.2f}x")
+        rows.append((labels[method], max(x["sbatch_calls"] for x in s), max(len(x["job_ids"]) for x in s), m,
+                     min(x["seconds"] for x in s), m / trials * 1000, raw / m))
+    harness.print_table(TABLE, rows)
 
 
 def print_split(samples: list[dict]) -> None:
@@ -328,10 +264,9 @@ def print_split(samples: list[dict]) -> None:
           f"{len(sweep_part):,} bytes ({len(sweep_part) / len(text):.0%})")
 
 
-def check_counts(samples: dict[str, list[dict]], trials: int, max_array: int) -> list[str]:
+def check_counts(samples: dict[str, list[dict]], trials: int, max_array: int) -> list[tuple[str, bool]]:
     arrays = -(-trials // max_array)
-    problems = []
-    print("\nchecks:")
+    checks = []
     for method in ("fresh", "in-process"):
         for i, s in enumerate(samples[method]):
             calls = s["sbatch_calls"] if method == "fresh" else s["sbatch_logged"]
@@ -342,20 +277,15 @@ def check_counts(samples: dict[str, list[dict]], trials: int, max_array: int) ->
             text = (f"{method} repeat {i + 1}: {calls} sbatch call(s) == {arrays} array(s)"
                     + (f" ({arrays_seen} script(s) with #SBATCH --array)" if method == "fresh" else "")
                     + f", {s['folder_count']} trial folders")
-            print(f"  {text}  {'OK' if ok else 'MISMATCH'}")
-            if not ok:
-                problems.append(text)
-    raw_ok = all(len(set(s["job_ids"])) == trials for s in samples["raw"])
-    print(f"  raw: {trials} distinct job ids per loop  {'OK' if raw_ok else 'MISMATCH'}")
-    if not raw_ok:
-        problems.append("raw: not one job per trial")
-    return problems
+            checks.append((text, ok))
+    checks.append((f"raw: {trials} distinct job ids per loop",
+                   all(len(set(s["job_ids"])) == trials for s in samples["raw"])))
+    return checks
 
 
 def bench(args: argparse.Namespace, work: Path) -> int:
-    if not shutil.which("sbatch") or subprocess.run(["sinfo", "-h"], capture_output=True).returncode != 0:
-        print("no SLURM cluster answers (sbatch missing or sinfo failed): start the test cluster with "
-              "eval \"$(env/test-cluster/start.sh | tail -n 1)\"", file=sys.stderr)
+    if not harness.cluster_answers():
+        print(harness.NO_CLUSTER, file=sys.stderr)
         return 2
     from slurmtune.cluster.slurm import max_array_size
     name = f"bench-sweep-{os.getpid()}"
@@ -366,12 +296,12 @@ def bench(args: argparse.Namespace, work: Path) -> int:
     write_raw_loop(raw_script, log.real, args.trials, f"{name}-raw", work / "raw-out")
     max_array = max_array_size()
     started = time.perf_counter()
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {args.repeat} repeats, {args.trials} trials "
+    print(f"{harness.machine()}, {args.repeat} repeats, {args.trials} trials "
           f"(grid over train.seed), cluster {args.cluster} (MaxArraySize {max_array}), work folder {work}\n")
     problems: list[str] = []
     try:
         samples, problems = measure(args, log, raw_script)
-    except RuntimeError as e:
+    except (RuntimeError, harness.ChildFailed) as e:
         print(f"submission failed: {e}", file=sys.stderr)
         return 1
     finally:
@@ -380,31 +310,25 @@ def bench(args: argparse.Namespace, work: Path) -> int:
             subprocess.run(["scancel", *leftover], capture_output=True)
     print_table(samples, args.trials)
     print_split(samples["in-process"])
-    problems += check_counts(samples, args.trials, max_array)
+    problems += harness.report_checks(check_counts(samples, args.trials, max_array))
     time.sleep(1)
     left = ours_in_queue(name)
-    print(f"  squeue after cancelling: {len(left)} job(s) of this bench left  {'OK' if not left else 'MISMATCH'}")
+    problems += harness.report_checks([(f"squeue after cancelling: {len(left)} job(s) of this bench left"
+                                        + (f": {', '.join(left[:10])}" if left else ""), not left)], heading=None)
     if left:
-        problems.append(f"left in the queue: {', '.join(left[:10])}")
         subprocess.run(["scancel", *left], capture_output=True)
-    print(f"\nwhole bench {time.perf_counter() - started:.0f} s")
-    if problems:
-        print(f"\n{len(problems)} check(s) failed:\n  " + "\n  ".join(problems), file=sys.stderr)
-        return 1
-    return 0
+    return harness.finish(problems, started)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap = harness.parser(__doc__)
     ap.add_argument("--trials", type=int, default=1000, help="grid points, so trials and raw jobs (default 1000)")
     ap.add_argument("--repeat", type=int, default=2,
                     help="submissions per method, interleaved (default 2)")
     ap.add_argument("--split-repeat", type=int, default=1,
                     help="of those, how many also run the in-process, timed submission (default 1)")
     ap.add_argument("--cluster", default="local-test", help="cluster profile (default local-test)")
-    ap.add_argument("--keep", metavar="DIR", type=Path, help="work in DIR and keep it (default: a temporary dir)")
+    harness.add_keep(ap)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.trials < 1 or args.repeat < 1 or not 1 <= args.split_repeat:
@@ -414,16 +338,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.child:
-        print(json.dumps(child_in_process(json.loads(args.child)), default=str))
-        return 0
-    if args.keep:
-        args.keep = args.keep.resolve()
-        args.keep.mkdir(parents=True, exist_ok=True)
-        return bench(args, args.keep)
-    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as work:
-        return bench(args, Path(work))
+    return harness.run_bench(parse_args(argv), bench, "bench-sweep-", child=child_in_process)
 
 
 if __name__ == "__main__":

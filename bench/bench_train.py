@@ -44,17 +44,15 @@ same number of loss-bearing tokens.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+import harness
+from harness import REPO, Column
+
 CONFIGS = ("padded", "packed")
 BASELINE = "padded"
 
@@ -64,10 +62,12 @@ BASELINE = "padded"
 def child_lengths(args: argparse.Namespace) -> dict:
     """Length and trained tokens of every row as training tokenizes it; builds the tiny model."""
     from slurmtune.data.dataset import TemplateFit, encode, prepare_tokenizer, read_train_files
+    from slurmtune.train.tiny_model import ensure_model
 
     cfg = make_config(args, packing=False)
     data = read_train_files([str(args.train_file)])
-    tokenizer, _ = prepare_tokenizer(cfg, data.kind)  # builds the tiny model when missing
+    ensure_model(cfg.model)  # builds the tiny model when missing
+    tokenizer, _ = prepare_tokenizer(cfg, data.kind)
     fit = TemplateFit(tokenizer)
     rows = []
     for record in data.records:
@@ -145,18 +145,6 @@ class Probe:
                              "attn_needed": sum(n * n for n in lengths)})
         return None
 
-    def time_saves(self, trainer) -> None:
-        save = trainer._save_checkpoint
-
-        def timed(*a, **kw):
-            start = time.perf_counter()
-            try:
-                return save(*a, **kw)
-            finally:
-                self.save_s.append(time.perf_counter() - start)
-
-        trainer._save_checkpoint = timed  # the instance attribute wins over the class method
-
 
 def child_train(args: argparse.Namespace, config: str) -> dict:
     import slurmtune.train.recipe  # noqa: F401  (imports are not the run)
@@ -173,7 +161,7 @@ def child_train(args: argparse.Namespace, config: str) -> dict:
         start = time.perf_counter()
         recipe.setup()
         setup_s = time.perf_counter() - start
-        probe.time_saves(recipe.trainer)
+        harness.time_saves(recipe.trainer, probe.save_s)
         start = time.perf_counter()
         outcome = recipe.train()
         train_s = time.perf_counter() - start
@@ -192,27 +180,13 @@ def child_train(args: argparse.Namespace, config: str) -> dict:
 # --- parent ----------------------------------------------------------------------------------
 
 def spawn(args: argparse.Namespace, phase: str, run_dir: Path | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--child", phase, "--work", str(args.work),
-           "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
-           "--max-steps", str(args.max_steps), "--epochs", str(args.epochs),
-           "--save-steps", str(args.save_steps), "--train-file", str(args.train_file)]
+    child_args = [phase, "--work", str(args.work), "--max-length", str(args.max_length),
+                  "--batch-size", str(args.batch_size), "--max-steps", str(args.max_steps),
+                  "--epochs", str(args.epochs), "--save-steps", str(args.save_steps),
+                  "--train-file", str(args.train_file)]
     if run_dir is not None:
-        cmd += ["--run-dir", str(run_dir)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        sys.exit(f"{phase} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def convert(args: argparse.Namespace) -> Path:
-    out = args.work / "data"
-    cmd = [str(Path(sys.executable).parent / "slurmtune"), "convert", "speechgradebook", str(args.export),
-           "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr}")
-    return out / "train.jsonl"
+        child_args += ["--run-dir", str(run_dir)]
+    return harness.spawn_child(__file__, child_args, what=phase, env=harness.MODEL_ENV)
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -242,19 +216,17 @@ def summarize(runs: list[dict]) -> dict:
                               and sum(b["real"] for b in r["batches"]) == real for r in runs)}
 
 
+TABLE = [Column("config", "<7"), Column("steps", ">5"), Column("slots", ">7,"), Column("real tok", ">8,"),
+         Column("trained", ">7,"), Column("pad frac", ">8.1%"), Column("step s", ">7.3f", under="(best)"),
+         Column("trained tok/s", ">13,.0f", under="(best)"), Column("tok/s", ">6,.0f", under="(med)"),
+         Column("tok/CPU-s", ">9,.0f", under="(med)"), Column("ckpt s", ">7.3f", under="(med)"),
+         Column("ckpt/step", ">8.3f", suffix="x", under="(med)")]
+
+
 def print_table(results: dict[str, dict]) -> None:
-    head = (f"{'config':<7} {'steps':>5} {'slots':>7} {'real tok':>8} {'trained':>7} {'pad frac':>8} "
-            f"{'step s':>7} {'trained tok/s':>13} {'tok/s':>6} {'tok/CPU-s':>9} {'ckpt s':>7} {'ckpt/step':>9}")
-    sub = (f"{'':<7} {'':>5} {'':>7} {'':>8} {'':>7} {'':>8} {'(best)':>7} {'(best)':>13} {'(med)':>6} "
-           f"{'(med)':>9} {'(med)':>7} {'(med)':>9}")
-    print(head)
-    print(sub)
-    print("-" * len(head))
-    for config, s in results.items():
-        ckpt = f"{s['save_s']:>7.3f} {s['save_step']:>8.3f}x" if s["save_s"] is not None else f"{'-':>7} {'-':>9}"
-        print(f"{config:<7} {s['steps']:>5} {s['slots']:>7,} {s['real']:>8,} {s['trained']:>7,} "
-              f"{s['pad_fraction']:>8.1%} {s['step_s']:>7.3f} {s['rate_best']:>13,.0f} {s['rate']:>6,.0f} "
-              f"{s['cpu_rate']:>9,.0f} {ckpt}")
+    harness.print_table(TABLE, [
+        (config, s["steps"], s["slots"], s["real"], s["trained"], s["pad_fraction"], s["step_s"], s["rate_best"],
+         s["rate"], s["cpu_rate"], s["save_s"], s["save_step"]) for config, s in results.items()])
     base = results[BASELINE]
     print()
     for config, s in results.items():
@@ -305,20 +277,15 @@ def check(results: dict[str, dict], lengths: dict, args: argparse.Namespace) -> 
                        f"x {args.epochs:g} epoch(s) {expected:,}", padded["real"] == expected))
         checks.append((f"packed trained tokens {packed['trained']:,} == padded {padded['trained']:,} "
                        "(the same rows, once per epoch)", packed["trained"] == padded["trained"]))
-    failures = []
-    print("\nchecks:")
-    for text, ok in checks:
-        print(f"  {text}  {'OK' if ok else 'MISMATCH'}")
-        if not ok:
-            failures.append(text)
-    return failures
+    return harness.report_checks(checks)
 
 
-def bench(args: argparse.Namespace) -> int:
+def bench(args: argparse.Namespace, work: Path) -> int:
     started = time.perf_counter()
-    args.train_file = convert(args)
+    args.work = work  # the children get it as --work
+    args.train_file = harness.convert_export(args.export, args.work)
     lengths = spawn(args, "lengths")
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {args.repeat} repeat(s) per configuration, "
+    print(f"{harness.machine()}, {args.repeat} repeat(s) per configuration, "
           f"batch {args.batch_size}, max_length {args.max_length}, "
           + (f"max_steps {args.max_steps}" if args.max_steps > 0 else f"{args.epochs:g} epoch(s)")
           + f", save_steps {args.save_steps}, work folder {args.work}")
@@ -330,20 +297,12 @@ def bench(args: argparse.Namespace) -> int:
             runs[config].append(spawn(args, config, args.work / f"run-{config}"))
     results = {config: summarize(rs) for config, rs in runs.items()}
     print_table(results)
-    failures = check(results, lengths, args)
-    print(f"\nwhole bench {time.perf_counter() - started:.0f} s")
-    if failures:
-        print(f"\n{len(failures)} check(s) failed", file=sys.stderr)
-        return 1
-    return 0
+    return harness.finish(check(results, lengths, args), started)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[2:]))
-    ap.add_argument("--export", type=Path, default=REPO / "examples" / "speechgradebook" / "exported.json",
-                    help="SpeechGradebook export to convert (default: the bundled sample)")
+    ap = harness.parser(__doc__)
+    harness.add_export(ap)
     ap.add_argument("--repeat", type=int, default=3,
                     help="fresh runs per configuration, interleaved; best and median are reported (default 3)")
     ap.add_argument("--batch-size", type=int, default=4, help="train.batch_size (default 4)")
@@ -354,11 +313,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-steps", type=int, default=0,
                     help="train.max_steps per configuration; 0 = whole epochs (default 0)")
     ap.add_argument("--save-steps", type=int, default=2, help="train.save_steps (default 2)")
-    ap.add_argument("--keep", metavar="DIR", type=Path, help="work in DIR and keep it (default: a temporary dir)")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--train-file", type=Path, help=argparse.SUPPRESS)
+    harness.add_keep(ap)
+    harness.add_training_child(ap)
     args = ap.parse_args(argv)
     if args.repeat < 1 or args.batch_size < 1 or args.max_length < 1 or args.save_steps < 1:
         ap.error("expected --repeat, --batch-size, --max-length and --save-steps >= 1")
@@ -367,20 +323,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def child(args: argparse.Namespace) -> dict:
+    return child_lengths(args) if args.child == "lengths" else child_train(args, args.child)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.child:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        result = child_lengths(args) if args.child == "lengths" else child_train(args, args.child)
-        print(json.dumps(result))
-        return 0
-    if args.keep:
-        args.work = args.keep.resolve()
-        args.work.mkdir(parents=True, exist_ok=True)
-        return bench(args)
-    with tempfile.TemporaryDirectory(prefix="bench-train-") as work:
-        args.work = Path(work)
-        return bench(args)
+    return harness.run_bench(parse_args(argv), bench, "bench-train-", child=child)
 
 
 if __name__ == "__main__":
