@@ -5,20 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from slurmtune.config import RunConfig
-from slurmtune.data.converters import FORMATS, get_converter, run_conversion
+from slurmtune.data.converters import get_converter, run_conversion
 
 from slurmtune.jobs.base import Job
 
 
 class ConvertJob(Job):
     kind = "convert"
-
-    def check(self, cfg: RunConfig) -> list[str]:
-        problems = []
-        if cfg.data.format not in FORMATS:
-            problems.append(f"data.format: {cfg.data.format!r}; expected one of {', '.join(FORMATS)}")
-        problems += [f"data.inputs: {p}: no such file" for p in cfg.data.inputs if not Path(p).is_file()]
-        return problems
 
     def run(self, cfg: RunConfig) -> dict:
         converter = get_converter(cfg.data.format)(**cfg.data.options)

@@ -21,15 +21,6 @@ def shard_file(run_dir: str | Path, index: int, count: int) -> Path:
 
 class EvalJob(Job):
     kind = "eval"
-    gpus_used = 1
-
-    def check(self, cfg: RunConfig) -> list[str]:
-        problems = []
-        if cfg.eval.shards < 1:
-            problems.append(f"eval.shards: {cfg.eval.shards}; expected 1 or more")
-        if not (cfg.data.eval_file or cfg.data.split or cfg.data.validation_file):
-            problems.append("nothing to evaluate: set data.eval_file (or data.split / data.validation_file)")
-        return problems
 
     def run(self, cfg: RunConfig, shard: int = 0) -> str:
         from slurmtune.evaluate.generate import predict_file

@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Callable
 
 from slurmtune.config import RunConfig
+from slurmtune.errors import UsageError
+from slurmtune.train.distributed import world_size
 from slurmtune.data.jsonio import write_json_atomic
 from slurmtune.cluster.profiles import ClusterProfile
-from slurmtune.runs.folder import Run, Step
+from slurmtune.runs.folder import Run, Step, has_eval
 from slurmtune.runs.sweep import Trial, expand, load_trials, trial_dir
 from slurmtune.cluster.slurm import Request, render_script, submit
 
@@ -52,45 +54,64 @@ class PlannedStep:
 
 def plan_run(cfg: RunConfig, only: str | None = None) -> list[PlannedStep]:
     """The steps of a run (or the single step ``only``) and the resources of each."""
-    gpus = cfg.slurm.gpus
-    distributed = cfg.distributed.nodes * cfg.distributed.gpus_per_node > 1
-    train_kind = "train_deepspeed" if distributed else "train"
     cpu_time = min(CPU_STEP_TIME_MIN, cfg.slurm.time_min)
     steps = []
     if cfg.data.inputs:
         steps.append(PlannedStep("convert", "convert", Request(f"{cfg.name}-convert", cpu_time)))
     steps.append(PlannedStep("validate", "validate", Request(f"{cfg.name}-validate", cpu_time)))
-    # Distributed: one task per GPU; with distributed.device=cpu they are CPU processes, no GPU asked.
-    tasks = cfg.distributed.gpus_per_node if distributed else 1
-    train_gpus = (0 if cfg.distributed.device == "cpu" else tasks) if distributed else gpus
-    steps.append(PlannedStep("train", train_kind, Request(
-        f"{cfg.name}-train", cfg.slurm.time_min, gpus_per_node=train_gpus,
-        nodes=cfg.distributed.nodes if distributed else 1, tasks_per_node=tasks)))
-    if cfg.data.eval_file or cfg.data.split or cfg.data.validation_file:
+    steps.append(PlannedStep("train", *_train_request(cfg)))
+    if has_eval(cfg):
         shards = cfg.eval.shards
-        steps.append(PlannedStep("eval", "eval", Request(
-            f"{cfg.name}-eval", cfg.slurm.time_min, gpus_per_node=min(gpus, 1), array_size=shards,
+        steps.append(PlannedStep("eval", "eval", _gpu_request(
+            cfg, f"{cfg.name}-eval", gpus_per_node=min(cfg.slurm.gpus, 1), array_size=shards,
             array_parallelism=cfg.eval.array_parallelism), shards=shards))
         steps.append(PlannedStep("report", "report", Request(f"{cfg.name}-report", cpu_time)))
-    if only:
-        found = [s for s in steps if s.kind == only or s.name == only]
-        if not found:
-            kinds = ", ".join(JOBS)
-            raise_unknown = f"no step {only!r} in this run; job kinds: {kinds}"
-            from slurmtune.errors import UsageError
-            raise UsageError(raise_unknown)
-        return found
-    return steps
+    if not only:
+        return steps
+    found = [s for s in steps if only in (s.kind, s.name)]
+    if not found:
+        raise UsageError(f"no step {only!r} in this run; steps: {', '.join(s.name for s in steps)}")
+    return found
 
 
-def make_job(step: PlannedStep, run: Run) -> Job:
-    return JOBS[step.kind](run.dir, step.name)
+def _train_request(cfg: RunConfig) -> tuple[str, Request]:
+    """(job kind, request) of the train step: one process on one GPU, or with DeepSpeed one
+    task per GPU (with distributed.device=cpu, CPU processes and no GPU asked for)."""
+    world = world_size(cfg)
+    if world == 1:
+        return "train", _gpu_request(cfg, f"{cfg.name}-train", gpus_per_node=cfg.slurm.gpus)
+    tasks = cfg.distributed.gpus_per_node
+    return "train_deepspeed", _gpu_request(
+        cfg, f"{cfg.name}-train", gpus_per_node=0 if cfg.distributed.device == "cpu" else tasks,
+        nodes=cfg.distributed.nodes, tasks_per_node=tasks)
+
+
+def _gpu_request(cfg: RunConfig, name: str, **fields) -> Request:
+    """A step that may use GPUs: the manifest's time and per-GPU CPUs and memory (the profile's
+    when the manifest leaves them unset)."""
+    return Request(name, cfg.slurm.time_min, cpus_per_gpu=cfg.slurm.cpus_per_gpu,
+                   mem_gb_per_gpu=cfg.slurm.mem_gb_per_gpu, **fields)
+
+
+def plan_sweep(cfg: RunConfig, manifest_dir: Path) -> tuple[list[Trial], list[PlannedStep]]:
+    """The trials of a sweep (each with its resolved config) and what one trial task asks for."""
+    trials = expand(cfg.sweep, cfg, manifest_dir)
+    for trial in trials:
+        trial.config.eval.shards = 1  # a trial evaluates inside its own array task
+    # No shards: trials beyond MaxArraySize are split over several arrays (submit_trials).
+    step = PlannedStep("trials", "trial", _trial_request(cfg, len(trials)))
+    return trials, [step]
+
+
+def _trial_request(cfg: RunConfig, size: int, hold: bool = False) -> Request:
+    return _gpu_request(cfg, f"{cfg.name}-trial", gpus_per_node=min(cfg.slurm.gpus, 1), array_size=size,
+                        array_parallelism=cfg.sweep.parallelism, hold=hold)
 
 
 def submit_run(run: Run, plan: list[PlannedStep], executor: str, profile: ClusterProfile,
                dry_run: bool = False, echo: Callable[[str], None] = print) -> Run:
     """Submit the planned steps of ``run`` (or, with ``dry_run``, only write their scripts)."""
-    jobs = [make_job(step, run) for step in plan]  # each validates its config now, on the login node
+    jobs = [JOBS[step.kind](run.dir, step.name) for step in plan]
     if executor != "slurm":
         return _submit_in_one_job(run, plan, jobs, executor, profile, dry_run, echo)
     after: list[str] = []
@@ -158,18 +179,16 @@ def _submit_in_one_job(run, plan, jobs, executor, profile, dry_run, echo) -> Run
     return run
 
 
-def create_sweep(cfg: RunConfig, manifest_dir: Path, executor: str, cluster: str | None,
-                 dry_run: bool) -> tuple[Run, list[Trial]]:
-    """The sweep folder with one run folder per trial; nothing submitted yet."""
-    trials = expand(cfg.sweep, cfg, manifest_dir)
+def create_sweep(cfg: RunConfig, trials: list[Trial], executor: str, cluster: str | None,
+                 dry_run: bool) -> Run:
+    """The sweep folder with one run folder per trial (from plan_sweep); nothing submitted yet."""
     run = Run.create(cfg, executor, cluster, dry_run)
     for trial in trials:
-        trial.config.eval.shards = 1  # a trial evaluates inside its own array task
         Run.create_at(trial_dir(run.dir, trial), trial.config, executor, cluster, dry_run)
     write_json_atomic(run.dir / "sweep.json", {
         "metric": cfg.sweep.metric, "mode": cfg.sweep.mode,
         "trials": [t.to_json() for t in trials], "arrays": []})
-    return run, trials
+    return run
 
 
 def submit_trials(run: Run, indices: list[int], executor: str, profile: ClusterProfile, max_array: int,
@@ -186,8 +205,7 @@ def submit_trials(run: Run, indices: list[int], executor: str, profile: ClusterP
     first = len(data["arrays"])  # a resubmission's arrays number on from the earlier ones
     for n, block in enumerate(blocks):
         name = f"trials-{first + n}"
-        req = Request(f"{cfg.name}-trial", cfg.slurm.time_min, gpus_per_node=min(cfg.slurm.gpus, 1),
-                      array_size=len(block), array_parallelism=cfg.sweep.parallelism, hold=hold)
+        req = _trial_request(cfg, len(block), hold)
         if dry_run:
             script = run.slurm_dir / f"dry-run-{name}.sh"
             script.write_text(render_script(run.slurm_dir, profile, req, after, array=True), encoding="utf-8")

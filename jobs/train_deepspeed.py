@@ -32,28 +32,18 @@ from pathlib import Path
 
 from slurmtune.config import RunConfig
 from slurmtune.train.distributed import (
-    RankReports, barrier, check_distributed, deepspeed_config_path, heartbeat_callback, init_process_group,
+    RankReports, barrier, deepspeed_config_path, heartbeat_callback, init_process_group,
     rendezvous, world_size,
 )
 from slurmtune.errors import UsageError
+from slurmtune.logs import quiet_output
 from slurmtune.runs.folder import data_files, report_status
-from slurmtune.checks import check_attention
-from slurmtune.cluster.slurm import requeue_current_job
 
-from slurmtune.jobs.base import Job, cancel_dependants, job_scope, requeue_pending
-from slurmtune.jobs.train import MAX_REQUEUES, TrainStopped
+from slurmtune.jobs.base import Job, Stopped, cancel_dependants, job_scope, requeue_after_stop, requeue_pending
 
 
 class TrainDeepSpeedJob(Job):
     kind = "train_deepspeed"
-    gpus_used = 1  # per task: one task per GPU
-
-    def check(self, cfg: RunConfig) -> list[str]:
-        problems = []
-        if not cfg.model.path or (not Path(cfg.model.path).is_dir() and not cfg.model.tiny_arch):
-            problems.append(f"model.path: {cfg.model.path!r} is not a model folder; download it on the "
-                            "login node (slurmtune fetch-model) or set model.path")
-        return problems + check_distributed(cfg) + check_attention(cfg)
 
     def __call__(self) -> dict:
         """Every rank runs this; rank 0 speaks for the step, and on a failure the rank that
@@ -64,11 +54,11 @@ class TrainDeepSpeedJob(Job):
         if rdv.rank == 0:
             report_status(self.run_dir, self.step, "RUNNING", world_size=rdv.world_size)
         try:
-            with job_scope():  # a warning signal after the work is done is ignored
+            with job_scope(), quiet_output(self.run_dir, f"{self.step}.rank{rdv.rank}"):  # late signals ignored; noise in debug.log
                 result = self.run(self.config(), rdv, reports)
-        except TrainStopped as e:  # saved, but nothing could requeue it: resubmit to resume
+        except Stopped as e:  # saved, but nothing could requeue it: resubmit to resume
             if rdv.rank == 0:
-                report_status(self.run_dir, self.step, "FAILED", error=str(e).splitlines()[0])
+                report_status(self.run_dir, self.step, "STOPPED", error=str(e).splitlines()[0])
             raise
         except BaseException as e:
             if isinstance(e, SystemExit) and requeue_pending():
@@ -117,11 +107,10 @@ class TrainDeepSpeedJob(Job):
             raise UsageError("distributed.device=gpu, but this task sees no CUDA device; fix: a GPU partition "
                              "(slurm profile) or distributed.device=cpu to train with CPU processes")
         init_process_group(rdv, cfg.distributed.timeout_s, cuda=cfg.distributed.device == "gpu")
-        if cfg.model.tiny_arch and not Path(cfg.model.path).is_dir():
-            if rdv.rank == 0:  # one writer; the others wait for it on the barrier
-                from slurmtune.train.tiny_model import make_tiny_model
-                make_tiny_model(cfg.model.path, arch=cfg.model.tiny_arch)
-            barrier()
+        if rdv.rank == 0:  # one writer; the others wait for it on the barrier
+            from slurmtune.train.tiny_model import ensure_model
+            ensure_model(cfg.model)
+        barrier()
         train_files, validation_file = data_files(cfg, self.run_dir)
         reports.beat("loading")
         return run_training(cfg, Path(self.run_dir), train_files, validation_file, stop=stop,
@@ -132,14 +121,7 @@ class TrainDeepSpeedJob(Job):
         if rdv.rank != 0:
             sys.stdout.flush()
             os._exit(0)  # rank 0 requeues (which ends this step) or reports that it could not
-        attempt = int(os.environ.get("SLURM_RESTART_COUNT", 0))
-        note = f"stopped at step {outcome.step} ({outcome.checkpoint})"
-        if attempt < MAX_REQUEUES and requeue_current_job():
-            report_status(self.run_dir, self.step, "REQUEUED", note=note)
-            print(f"{note}; requeued (attempt {attempt + 1})", flush=True)
-            sys.stdout.flush()
-            os._exit(0)  # the controller ends this attempt now; nothing must run after requeue
-        raise TrainStopped(f"{note}; resume with: slurmtune submit train {self.run_dir}")
+        requeue_after_stop(self.run_dir, self.step, f"step {outcome.step} ({outcome.checkpoint})")
 
 
 def _log_hint(rdv, rank: int) -> str:

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from slurmtune.config import RunConfig
-from slurmtune.runs.folder import Run
+from slurmtune.runs.folder import Run, has_eval
 from slurmtune.runs.sweep import load_trials, trial_dir, trial_finished, write_sweep_results
 
 from slurmtune.jobs.base import Job, requeue_pending
@@ -39,7 +39,6 @@ class TrialJob(Job):
     """One array task: every step of one trial, in the trial's own folder."""
 
     kind = "trial"
-    gpus_used = 1
 
     def run(self, cfg: RunConfig, index: int) -> str:
         _, trials = load_trials(self.run_dir)
@@ -53,7 +52,7 @@ class TrialJob(Job):
             ConvertJob(folder)()
         ValidateJob(folder)()
         TrainJob(folder)()
-        if trial_cfg.data.eval_file or trial_cfg.data.split or trial_cfg.data.validation_file:
+        if has_eval(trial_cfg):
             EvalJob(folder)(0)
             ReportJob(folder)()
         return str(folder)

@@ -17,5 +17,5 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-# The source checkout: manifests/ (templates, DeepSpeed configs) and slurm/ (profiles) live here.
+# The source checkout: manifests/ (DeepSpeed configs) and slurm/ (profiles) live here.
 SOURCE_ROOT = Path(__file__).resolve().parent.parent

@@ -1,27 +1,63 @@
-"""Checks made on the login node before anything is queued: a doomed job fails in a second.
+"""Every check of a command, made before anything is created or queued.
 
 ::
 
-    problems = check_request(cfg, steps, profile, facts)   # facts: the cluster's partitions etc.
+    problems = submission_problems(Submission(cfg, plan, profile, executor))
+    # [] or every problem at once, each saying the fix; the command prints them and exits 1
 
-Each problem says what is wrong and the fix. The cluster facts come from
-slurmtune.cluster.slurm (``partitions()``, ``max_array_size()``) as plain data, so
-these checks are pure and testable with recorded facts.
+    job_problems(cfg, "train")   # what the train job checks again on its node: the same function
+
+A doomed job costs a queue wait; here it costs a second. Three layers, cheapest first:
+
+1. ``job_problems``: the values, paths and resources of one job kind, from its config
+   alone. The login node runs it for every job a command will submit (each trial of a
+   sweep included) and each job runs it again when it starts on its node, where it finds
+   nothing new: its inputs are the same manifest and the same shared storage.
+2. the submission: GPUs for what each kind uses, the cluster profile's shared-storage
+   rule, the cluster's partitions and limits (slurmtune.cluster.slurm gives them as plain
+   data, so the rules here are pure and testable with recorded facts).
+3. the data: the first rows rendered with the model's tokenizer and chat template, as
+   training will see them. A run that starts from raw data (``data.inputs``) has them
+   converted here in memory first, so a template or format problem fails now, not in
+   the train job after convert and validate have run.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
-from slurmtune.config import RunConfig
 from slurmtune.cluster.profiles import ClusterProfile
+from slurmtune.config import RunConfig
+from slurmtune.schema import value_problems
+from slurmtune.errors import SlurmtuneError
+from slurmtune.runs.folder import Run, data_files, has_eval
+from slurmtune.train.distributed import check_distributed, world_size
+
+PREVIEW_ROWS = 16  # rows tokenized on the login node
+# GPUs each job kind can use, per node: more is waste that waits longer in the queue.
+GPU_LIMITS = {"convert": 0, "validate": 0, "report": 0, "train": 1, "eval": 1, "trial": 1}
+TRAINING_KINDS = ("train", "train_deepspeed", "trial")
+
+
+class CheckFailed(SlurmtuneError):
+    """A command's checks found problems; nothing was created or queued."""
+
+    def __init__(self, problems: list[str], what: str = "not submitted"):
+        self.problems, self.what = problems, what
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{what}: {len(problems)} problem(s):\n{lines}")
+
+    def one_line(self) -> str:
+        more = f" (+{len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
+        return f"{self.what}: {self.problems[0]}{more}"
 
 
 @dataclass
 class StepNeeds:
-    """What one step asks for, as the checks see it."""
+    """What one step asks of the scheduler, as the checks see it."""
 
     name: str
     kind: str
@@ -38,58 +74,102 @@ class ClusterFacts:
     max_array_size: int
 
 
-# GPUs each job kind can use, per node: more is waste that waits longer in the queue.
-GPU_LIMITS = {"convert": 0, "validate": 0, "report": 0, "train": 1, "eval": 1}
+@dataclass
+class Submission:
+    """Everything one command is about to submit."""
+
+    cfg: RunConfig
+    steps: list[StepNeeds]
+    profile: ClusterProfile
+    executor: str
+    only: str | None = None  # `slurmtune submit STEP`
+    existing: Run | None = None  # submitting into a run folder that exists
+    trials: list = field(default_factory=list)  # a sweep's trials (slurmtune.runs.sweep.Trial)
 
 
-def check_paths(cfg: RunConfig, profile: ClusterProfile | None) -> list[str]:
-    problems = []
-    for key, path in _data_paths(cfg):
-        if not Path(path).is_file():
-            problems.append(f"{key}: {path}: no such file")
-    if cfg.model.path and not Path(cfg.model.path).is_dir() and not cfg.model.tiny_arch:
-        problems.append(f"model.path: {cfg.model.path}: no such model folder; compute nodes are offline, "
-                        "so download it first on the login node: slurmtune fetch-model NAME")
-    if profile and profile.require_shared_paths:
-        shared = [str(Path(p)) for p in profile.shared_prefixes]
-        for key, path in [*_data_paths(cfg), ("model.path", cfg.model.path)]:
-            if path and not any(str(Path(path).resolve()).startswith(s.rstrip("/") + "/") or
-                                str(Path(path).resolve()) == s for s in shared):
-                problems.append(f"{key}: {path} is not on shared storage ({', '.join(shared)}); compute "
-                                "nodes cannot see it: move it there")
+def raise_problems(problems: list[str], what: str = "not submitted") -> None:
+    if problems:
+        raise CheckFailed(problems, what)
+
+
+# --- 1. one job, from its config --------------------------------------------------------
+
+def job_problems(cfg: RunConfig, kind: str) -> list[str]:
+    """Everything that makes a job of ``kind`` pointless to run, each with its fix."""
+    problems = value_problems(cfg)
+    if kind in ("convert", "trial") and cfg.data.inputs:
+        problems += convert_problems(cfg)
+    problems += path_problems(cfg, kind)
+    if kind in TRAINING_KINDS or kind == "eval":
+        problems += model_problems(cfg)
+    if kind in TRAINING_KINDS:
+        problems += training_problems(cfg, kind)
+    if kind in ("eval", "report") and not has_eval(cfg):
+        problems.append("nothing to evaluate: set data.eval_file (or data.split / data.validation_file)")
+    return _unique(problems)
+
+
+def convert_problems(cfg: RunConfig) -> list[str]:
+    from slurmtune.data.converters import FORMATS, get_converter
+
+    if cfg.data.format not in FORMATS:
+        return [f"data.format: {cfg.data.format!r}; expected one of {', '.join(FORMATS)}"]
+    known = {opt.name: opt for opt in get_converter(cfg.data.format).options}
+    problems = [f"data.options.{name}: not an option of {cfg.data.format}; options: "
+                f"{', '.join(known) or 'none'}" for name in cfg.data.options if name not in known]
+    problems += [f"data.options.{opt.name}: required by {cfg.data.format} ({opt.help})"
+                 for opt in known.values() if opt.required and not cfg.data.options.get(opt.name)]
     return problems
 
 
-def _data_paths(cfg: RunConfig) -> list[tuple[str, str]]:
+def path_problems(cfg: RunConfig, kind: str) -> list[str]:
+    """The files a job of ``kind`` reads that the manifest names (not those convert writes)."""
     d = cfg.data
-    found = [(f"data.inputs[{i}]", p) for i, p in enumerate(d.inputs)]
-    found += [(f"data.train_files[{i}]", p) for i, p in enumerate(d.train_files)]
-    found += [(k, getattr(d, k.split(".")[1])) for k in ("data.validation_file", "data.eval_file")
-              if getattr(d, k.split(".")[1])]
-    return found
+    named = [(f"data.inputs[{i}]", p) for i, p in enumerate(d.inputs)] if kind in ("convert", "trial") else []
+    if not d.inputs:
+        named += [(f"data.train_files[{i}]", p) for i, p in enumerate(d.train_files)]
+    if d.validation_file and not (d.inputs and d.split):
+        named.append(("data.validation_file", d.validation_file))
+    if d.eval_file:
+        named.append(("data.eval_file", d.eval_file))
+    problems = [f"{key}: {path}: no such file" for key, path in named if not Path(path).is_file()]
+    if kind in TRAINING_KINDS and not d.inputs and not d.train_files:
+        problems.append("data.train_files: empty; expected at least one chat or prompt-completion file "
+                        "(or data.format + data.inputs to convert raw data)")
+    return problems
 
 
-def check_gpus(cfg: RunConfig, steps: list[StepNeeds]) -> list[str]:
-    problems = []
-    for step in steps:
-        limit = GPU_LIMITS.get(step.kind)
-        if limit is None:
-            continue
-        if step.gpus_per_node > limit:
-            why = ("QLoRA trains on one GPU" if cfg.train.method == "qlora" else "the train job uses one GPU") \
-                if step.kind == "train" else f"the {step.kind} job uses {limit} GPU(s)"
-            fix = ("slurm.gpus=1, or distributed.gpus_per_node=N with method lora for DeepSpeed"
-                   if step.kind == "train" else f"ask for {limit}")
-            problems.append(f"{step.name}: {step.gpus_per_node} GPUs requested but {why}; fix: {fix}")
-    if cfg.train.method == "qlora" and cfg.distributed.nodes * cfg.distributed.gpus_per_node > 1:
+def model_problems(cfg: RunConfig) -> list[str]:
+    path = cfg.model.path
+    if not path:
+        return ["model.path: empty; expected a local model folder (compute nodes are offline)"]
+    if cfg.model.tiny_arch or (Path(path) / "config.json").is_file():
+        return []
+    return [f"model.path: {path}: no such model folder (no config.json); compute nodes are offline, "
+            "so download it first on the login node: slurmtune fetch-model NAME"]
+
+
+def training_problems(cfg: RunConfig, kind: str) -> list[str]:
+    problems = attention_problems(cfg)
+    world = world_size(cfg)
+    if kind == "train_deepspeed":
+        return problems + check_distributed(cfg)
+    if cfg.train.method == "qlora" and world > 1:
         problems.append("QLoRA with several GPUs is not supported: use train.method=lora (or lora-8bit) "
                         "with distributed.*, or one GPU with qlora")
+    elif kind == "trial" and world > 1:
+        problems.append(f"distributed.nodes x gpus_per_node = {world}, but a sweep trial trains in one "
+                        "process (one array task each); fix: distributed.nodes=1 distributed.gpus_per_node=1, "
+                        "or run the multi-GPU training as its own run (slurmtune run)")
+    if kind == "train" and cfg.slurm.gpus > 1:
+        why = "QLoRA trains on one GPU" if cfg.train.method == "qlora" else "the train job uses one GPU"
+        problems.append(f"train: {cfg.slurm.gpus} GPUs requested but {why}; fix: slurm.gpus=1, or "
+                        "distributed.gpus_per_node=N with method lora for DeepSpeed")
     return problems
 
 
-def check_attention(cfg: RunConfig) -> list[str]:
+def attention_problems(cfg: RunConfig) -> list[str]:
     """The training attention kernel against where the run trains."""
-    from slurmtune.train.distributed import world_size
     impl = cfg.model.attn_implementation
     problems = []
     on_cpu = cfg.distributed.device == "cpu" if world_size(cfg) > 1 else cfg.slurm.gpus == 0
@@ -112,16 +192,66 @@ def packing_notice(cfg: RunConfig) -> str | None:
     return None
 
 
-def check_distributed(cfg: RunConfig, steps: list[StepNeeds]) -> list[str]:
-    """A multi-process train step: its DeepSpeed file, ZeRO stage vs method, and the global batch
-    arithmetic (micro batch x grad accum x processes vs distributed.global_batch_size)."""
-    if not any(step.kind == "train_deepspeed" for step in steps):
+# --- 2. the submission -------------------------------------------------------------------
+
+def submission_problems(sub: Submission, facts: ClusterFacts | None = None) -> list[str]:
+    """Every problem of a command's jobs (layers 1 and 2; layer 3 when those pass)."""
+    problems = []
+    for step in sub.steps:
+        problems += job_problems(sub.cfg, step.kind)
+    problems += _trial_problems(sub)
+    problems += gpu_problems(sub.steps)
+    problems += shared_path_problems(sub.cfg, sub.profile)
+    if facts is not None:
+        problems += cluster_problems(sub.steps, facts)
+    if sub.only and sub.existing is None and sub.only not in ("convert", "validate") and sub.cfg.data.inputs:
+        problems.append(f"{sub.only}: this manifest's data is converted by the pipeline; run the whole "
+                        "pipeline (slurmtune run) or submit into an existing run")
+    problems = _unique(problems)
+    if not problems and any(step.kind in TRAINING_KINDS for step in sub.steps):
+        problems += data_problems(sub)
+    return problems
+
+
+def _trial_problems(sub: Submission) -> list[str]:
+    """Each trial's own resolved config, as its array task will check it on the node."""
+    base = set(job_problems(sub.cfg, "trial")) if sub.trials else set()
+    problems = []
+    for trial in sub.trials:
+        label = ", ".join(f"{k}={v}" for k, v in trial.overrides.items())
+        problems += [f"sweep trial {trial.id} ({label}): {p}" for p in job_problems(trial.config, "trial")
+                     if p not in base]
+    return problems
+
+
+def gpu_problems(steps: list[StepNeeds]) -> list[str]:
+    problems = []
+    for step in steps:
+        limit = GPU_LIMITS.get(step.kind)
+        if limit is not None and step.gpus_per_node > limit and step.kind not in TRAINING_KINDS:  # those: job_problems
+            problems.append(f"{step.name}: {step.gpus_per_node} GPUs requested but the {step.kind} job uses "
+                            f"{limit} GPU(s); fix: ask for {limit}")
+    return problems
+
+
+def shared_path_problems(cfg: RunConfig, profile: ClusterProfile | None) -> list[str]:
+    if not profile or not profile.require_shared_paths:
         return []
-    from slurmtune.train.distributed import check_distributed as problems
-    return problems(cfg, qlora=False)  # check_gpus already refuses QLoRA with several GPUs
+    shared = [str(Path(p)) for p in profile.shared_prefixes]
+    d = cfg.data
+    named = [(f"data.inputs[{i}]", p) for i, p in enumerate(d.inputs)]
+    named += [(f"data.train_files[{i}]", p) for i, p in enumerate(d.train_files)]
+    named += [(k, v) for k, v in (("data.validation_file", d.validation_file), ("data.eval_file", d.eval_file),
+                                  ("model.path", cfg.model.path)) if v]
+    return [f"{key}: {path} is not on shared storage ({', '.join(shared)}); compute nodes cannot see it: "
+            "move it there" for key, path in named if not _under_any(Path(path).resolve(), shared)]
 
 
-def check_cluster(steps: list[StepNeeds], facts: ClusterFacts) -> list[str]:
+def _under_any(path: Path, prefixes: list[str]) -> bool:
+    return any(str(path) == p or str(path).startswith(p.rstrip("/") + "/") for p in prefixes)
+
+
+def cluster_problems(steps: list[StepNeeds], facts: ClusterFacts) -> list[str]:
     problems = []
     default = next((p for p in facts.partitions.values() if p.default), None)
     for step in steps:
@@ -129,21 +259,126 @@ def check_cluster(steps: list[StepNeeds], facts: ClusterFacts) -> list[str]:
         if step.partition and part is None:
             problems.append(f"{step.name}: partition {step.partition!r} does not exist; partitions: "
                             f"{', '.join(facts.partitions)}")
-            continue
-        if part is None:
-            continue
-        if part.max_time_min is not None and step.time_min > part.max_time_min:
-            problems.append(f"{step.name}: {step.time_min} min is above partition {part.name}'s MaxTime "
-                            f"of {part.max_time_min} min; fix: slurm.time_min={part.max_time_min} "
-                            "(training resumes across requeues) or another partition")
-        if step.gpus_per_node > part.gpus_per_node:
-            problems.append(f"{step.name}: {step.gpus_per_node} GPUs per node requested but partition "
-                            f"{part.name}'s nodes have {part.gpus_per_node}; fix: ask for at most "
-                            f"{part.gpus_per_node}")
-        if step.nodes > len(part.nodes):
-            problems.append(f"{step.name}: {step.nodes} nodes requested but partition {part.name} has "
-                            f"{len(part.nodes)}")
-        if step.array_size and step.array_size > facts.max_array_size:
-            problems.append(f"{step.name}: an array of {step.array_size} tasks is above the cluster's "
-                            f"MaxArraySize of {facts.max_array_size}; fix: fewer shards")
+        elif part is not None:
+            problems += _partition_problems(step, part, facts.max_array_size)
     return problems
+
+
+def _partition_problems(step: StepNeeds, part, max_array_size: int) -> list[str]:
+    problems = []
+    if part.max_time_min is not None and step.time_min > part.max_time_min:
+        problems.append(f"{step.name}: {step.time_min} min is above partition {part.name}'s MaxTime "
+                        f"of {part.max_time_min} min; fix: slurm.time_min={part.max_time_min} "
+                        "(training resumes across requeues) or another partition")
+    if step.gpus_per_node > part.gpus_per_node:
+        problems.append(f"{step.name}: {step.gpus_per_node} GPUs per node requested but partition "
+                        f"{part.name}'s nodes have {part.gpus_per_node}; fix: ask for at most "
+                        f"{part.gpus_per_node}")
+    if step.nodes > len(part.nodes):
+        problems.append(f"{step.name}: {step.nodes} nodes requested but partition {part.name} has "
+                        f"{len(part.nodes)}")
+    if step.array_size and step.array_size > max_array_size:
+        problems.append(f"{step.name}: an array of {step.array_size} tasks is above the cluster's "
+                        f"MaxArraySize of {max_array_size}; fix: fewer shards")
+    return problems
+
+
+# --- 3. the data, as training will see it ---------------------------------------------------
+
+@dataclass
+class Preview:
+    """The first rows of a run's training data, as canonical records, and what was tokenized."""
+
+    records: list[dict]
+    source: str  # where they came from, for messages
+    report: dict | None = None  # count_trained_tokens' numbers
+
+
+def data_problems(sub: Submission) -> list[str]:
+    """Tokenize the first training rows with the model's template, here on the login node:
+    a run that would train on nothing, or whose template cannot mark the trained tokens,
+    fails now, not after its wait in the queue. Prints the trained-token share."""
+    import sys
+
+    try:
+        preview = preview_training(sub.cfg, sub.existing.dir if sub.existing else None)
+    except SlurmtuneError as e:
+        return [f"train: {e}"]
+    if preview is None:
+        return []
+    report = preview.report
+    print(f"preflight: {report['trained_tokens']}/{report['tokens']} tokens trained "
+          f"({report['trained_share']:.0%}) in the first {report['rows']} rows of {preview.source}", file=sys.stderr)
+    notice = packing_notice(sub.cfg)
+    if notice:
+        print(notice, file=sys.stderr)
+    return []
+
+
+def preview_training(cfg: RunConfig, run_dir: Path | None) -> Preview | None:
+    """The first rows tokenized as training will (None when there is nothing to read yet:
+    data that an earlier step of an existing run writes)."""
+    from slurmtune.data.dataset import TrainRecords, count_trained_tokens, prepare_tokenizer, read_train_files
+
+    tokenizer = None
+    if not (Path(cfg.model.path) / "config.json").is_file():
+        if not cfg.model.tiny_arch:
+            return None  # model_problems said so
+        from slurmtune.train.tiny_model import build_tokenizer
+        tokenizer = build_tokenizer()  # the job builds the model; its tokenizer is built alike, in memory
+
+    if cfg.data.inputs and run_dir is None:
+        records, kind, source = _converted_preview(cfg)
+        data = TrainRecords(kind, records)
+    else:
+        files, _ = data_files(cfg, run_dir or ".")
+        if not files or not all(Path(f).is_file() for f in files):
+            return None
+        data, source = read_train_files(files, limit=PREVIEW_ROWS), files[0]
+    tokenizer, template = prepare_tokenizer(cfg, data.kind, tokenizer)
+    return Preview(data.records, source, count_trained_tokens(cfg, tokenizer, data, template))
+
+
+def _converted_preview(cfg: RunConfig) -> tuple[list[dict], str, str]:
+    """The first rows of ``data.inputs`` through the run's converter, in memory: what the
+    convert step will write to train.jsonl (consent-excluded and invalid rows left out,
+    as there), as training records."""
+    from slurmtune.data.converters import get_converter
+    from slurmtune.data.converters.base import Excluded, Rejected, Skipped
+    from slurmtune.data.dataset import KIND_OF_FORMAT, TRAINABLE_FORMATS
+    from slurmtune.data.validate import detect_format
+
+    converter = get_converter(cfg.data.format)(**cfg.data.options)
+    first = converter.outputs[0]
+    records = []
+    for where, item in converter.rows([Path(p) for p in cfg.data.inputs]):
+        if item.error:
+            continue  # the convert step reports it with its line; the preview only needs good rows
+        try:
+            records += [r for name, r in converter.convert(item.value, where) if name == first]
+        except (Rejected, Excluded, Skipped):
+            continue
+        if len(records) >= PREVIEW_ROWS:
+            break
+    records += [r for name, r in converter.finish() if name == first]
+    source = f"{cfg.data.format} data converted from {Path(cfg.data.inputs[0]).name}"
+    if not records:
+        raise SlurmtuneError(f"the first rows of {', '.join(cfg.data.inputs)} convert to no training record "
+                             f"({cfg.data.format}); check them with: slurmtune convert {cfg.data.format} "
+                             f"{' '.join(cfg.data.inputs)} --out DIR")
+    fmt = detect_format(records[0], False)
+    if fmt not in TRAINABLE_FORMATS:
+        raise SlurmtuneError(f"data.format={cfg.data.format} writes {fmt!r} records, which the text recipe "
+                             "cannot train on; fix: a chat output of the converter (e.g. data.options.chat: "
+                             "'true' where it has one)")
+    return [_trainable(r) for r in records[:PREVIEW_ROWS]], KIND_OF_FORMAT[fmt], source
+
+
+def _trainable(record: dict) -> dict:
+    if "messages" in record:
+        return {"messages": record["messages"]}
+    return {"prompt": record["prompt"], "completion": record["completion"]}
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))

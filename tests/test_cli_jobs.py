@@ -43,7 +43,7 @@ def test_overrides_after_flags_and_preflight_on_the_login_node(cli, tmp_path):
     assert r.code == 0 and "notice: train.packing with sdpa attention computes each packed batch" in r.err
     before = len(list((tmp_path / "runs").iterdir()))
     r = cli("run", m, "--executor", "local", "train.max_length=4")
-    assert r.code == 2 and "train: zero trained tokens in the first 6 rows" in r.err
+    assert r.code == 1 and "train: zero trained tokens in the first 6 rows" in r.err
     assert "fix: raise train.max_length" in r.err
     assert len(list((tmp_path / "runs").iterdir())) == before  # nothing created, nothing queued
 

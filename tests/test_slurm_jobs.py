@@ -203,7 +203,7 @@ def test_impossible_requests_fail_at_once(slurm_cluster, cli, tmp_path, override
     start = time.monotonic()
     r = cli("run", m, *overrides, "train.method=qlora", "--cluster", "local-test") \
         if "train.method=lora" not in overrides else cli("run", m, *overrides, "--cluster", "local-test")
-    assert r.code == 2 and message in r.err, r.err
+    assert r.code == 1 and message in r.err, r.err
     assert "not submitted" in r.err and time.monotonic() - start < 10
     assert not (tmp_path / "runs").exists()
 

@@ -6,7 +6,7 @@ import json
 
 from slurmtune.errors import UsageError
 from slurmtune.runs.folder import Run
-from slurmtune.cli.status import add_root_flag
+from slurmtune.cli.status import add_run_command
 
 
 def add_commands(sub, argv: list[str]) -> None:
@@ -18,10 +18,7 @@ def add_commands(sub, argv: list[str]) -> None:
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="(re)write a run's eval reports from its prediction shards")
-    p.add_argument("run", metavar="RUN")
-    add_root_flag(p)
-    p.set_defaults(func=_report)
+    add_run_command(sub, "report", "(re)write a run's eval reports from its prediction shards", _report)
 
 
 def _report(args) -> int:

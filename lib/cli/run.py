@@ -16,7 +16,7 @@ from pathlib import Path
 from slurmtune.cli.status import Follower, add_root_flag
 from slurmtune.cluster.profiles import ClusterProfile, load_profile
 from slurmtune.config import RunConfig, load_manifest
-from slurmtune.errors import ConfigError, UsageError
+from slurmtune.errors import UsageError
 from slurmtune.runs.folder import Run
 
 
@@ -81,68 +81,49 @@ def _manifest(path: str, overrides: list[str], args) -> RunConfig:
 
 def _launch(cfg: RunConfig, only: str | None, args, existing: Run | None = None) -> int:
     from slurmtune.jobs.pipeline import plan_run, submit_run
+    executor, profile = _where(cfg, args)
+    plan = plan_run(cfg, only)
+    for step in plan:
+        step.request.hold = args.hold
+    _check(cfg, plan, profile, executor, only=only, existing=existing)
+    run = existing or Run.create(cfg, executor, profile.name if executor == "slurm" else None, args.dry_run)
+    print(f"run {run.run_id}\n  {run.dir}")
+    submit_run(run, plan, executor, profile, dry_run=args.dry_run)
+    return _after_submit(run, executor, args, f"slurmtune status {run.run_id}")
+
+
+def _where(cfg: RunConfig, args) -> tuple[str, ClusterProfile]:
+    """(executor, cluster profile) a command submits with; says so when it falls back to local."""
     from slurmtune.cluster.slurm import choose_executor
     executor, notice = choose_executor(args.executor or cfg.slurm.executor, args.cluster or cfg.slurm.cluster)
     if notice:
         print(notice, file=sys.stderr)
-    profile = _profile(cfg, args)
-    plan = plan_run(cfg, only)
-    for step in plan:
-        step.request.hold = args.hold
-    _preflight(cfg, plan, profile, executor, only, existing)
-    run = existing or Run.create(cfg, executor, profile.name if executor == "slurm" else None, args.dry_run)
-    print(f"run {run.run_id}\n  {run.dir}")
-    submit_run(run, plan, executor, profile, dry_run=args.dry_run)
-    if args.dry_run:
-        print("dry run: nothing was submitted")
-        return 0
-    if executor == "slurm" or args.detach:
-        print(f"follow it with: slurmtune status {run.run_id}")
-        return 0
-    return _wait_local(run)
+    return executor, _profile(cfg, args)
 
 
-def _preflight(cfg, plan, profile, executor, only, existing) -> None:
-    from slurmtune.checks import (ClusterFacts, StepNeeds, check_attention, check_cluster, check_distributed,
-                                     check_gpus, check_paths, packing_notice)
+def _check(cfg: RunConfig, plan, profile: ClusterProfile, executor: str, **submission) -> None:
+    """Every check of every job about to be submitted (slurmtune.checks), before any folder
+    is created: all problems at once, exit 1."""
+    from slurmtune.checks import ClusterFacts, StepNeeds, Submission, raise_problems, submission_problems
     needs = [StepNeeds(s.name, s.kind, s.request.gpus_per_node, s.request.nodes, s.request.time_min,
                        s.request.partition or (profile.partition if s.request.gpus_per_node
                                                else profile.cpu_partition or profile.partition),
                        s.shards) for s in plan]
-    problems = check_paths(cfg, profile) + check_gpus(cfg, needs) + check_distributed(cfg, needs)
-    if any(s.kind.startswith("train") for s in plan):
-        problems += check_attention(cfg)
+    facts = None
     if executor == "slurm":
         from slurmtune.cluster import slurm
         facts = ClusterFacts(slurm.partitions(), profile.max_array_size or slurm.max_array_size())
-        problems += check_cluster(needs, facts)
-    if only and existing is None and only not in ("convert", "validate") and cfg.data.inputs:
-        problems.append(f"{only}: this manifest's data is converted by the pipeline; run the whole "
-                        "pipeline (slurmtune run) or submit into an existing run")
-    if not problems and any(s.kind.startswith("train") for s in plan):
-        problems += _trained_tokens(cfg, existing)
-        notice = packing_notice(cfg)
-        if notice:
-            print(notice, file=sys.stderr)
-    if problems:
-        raise ConfigError(problems, source="not submitted")
+    raise_problems(submission_problems(Submission(cfg, needs, profile, executor, **submission), facts))
 
 
-def _trained_tokens(cfg: RunConfig, existing: Run | None) -> list[str]:
-    """Tokenize the first training rows with the model's template, here on the login node:
-    a run that would train on nothing fails now, not after its wait in the queue."""
-    from slurmtune.runs.folder import data_files
-    from slurmtune.train.recipe import preflight
-    files, _ = data_files(cfg, existing.dir if existing else ".")
-    if not Path(cfg.model.path).is_dir() or not files or not all(Path(f).is_file() for f in files):
-        return []  # the data comes from the convert step, or the tiny model is built by the job
-    try:
-        report = preflight(cfg, files)
-    except UsageError as e:
-        return [f"train: {e}"]
-    print(f"preflight: {report['trained_tokens']}/{report['tokens']} tokens trained "
-          f"({report['trained_share']:.0%}) in the first {report['rows']} rows", file=sys.stderr)
-    return []
+def _after_submit(run: Run, executor: str, args, follow: str) -> int:
+    if args.dry_run:
+        print("dry run: nothing was submitted")
+        return 0
+    if executor == "slurm" or args.detach:
+        print(f"follow it with: {follow}")
+        return 0
+    return _wait_local(run)
 
 
 def _wait_local(run: Run) -> int:
@@ -160,7 +141,7 @@ def _wait_local(run: Run) -> int:
         except Exception:  # the failure is reported by status below, with its log
             pass
     if (run.dir / "sweep.json").is_file():
-        from slurmtune.jobs import sweep
+        from slurmtune.runs import sweep
         data, _ = sweep.load_trials(run.dir)
         rows = sweep.sweep_status(run)
         print(sweep.format_sweep_table(run, rows, data["metric"]))
@@ -190,7 +171,8 @@ def _add_sweep(sub) -> None:
 
 
 def _sweep(args) -> int:
-    from slurmtune.jobs import sweep
+    from slurmtune.jobs.pipeline import submit_trials
+    from slurmtune.runs import sweep
     if args.target not in SWEEP_ACTIONS:
         return _sweep_submit(args)
     if len(args.rest) != 1:
@@ -213,35 +195,22 @@ def _sweep(args) -> int:
         return 0
     print(f"resubmitting {len(indices)} trial(s): {', '.join(rows[i]['trial'] for i in indices)}")
     profile = _profile_of(run)
-    sweep.submit_trials(run, indices, run.record.executor, profile, _max_array(run.record.executor, profile),
-                        hold=args.hold)
+    submit_trials(run, indices, run.record.executor, profile, _max_array(run.record.executor, profile),
+                  hold=args.hold)
     return 0 if run.record.executor == "slurm" else _wait_local(run)
 
 
 def _sweep_submit(args) -> int:
-    from slurmtune.jobs import sweep
-    from slurmtune.cluster.slurm import choose_executor
+    from slurmtune.jobs.pipeline import create_sweep, plan_sweep, submit_trials
     cfg = _manifest(args.target, args.rest, args)
-    executor, notice = choose_executor(args.executor or cfg.slurm.executor, args.cluster or cfg.slurm.cluster)
-    if notice:
-        print(notice, file=sys.stderr)
-    profile = _profile(cfg, args)
-    from slurmtune.jobs.pipeline import PlannedStep
-    from slurmtune.cluster.slurm import Request
-    trial = PlannedStep("trials", "train", Request("trial", cfg.slurm.time_min, gpus_per_node=cfg.slurm.gpus))
-    _preflight(cfg, [trial], profile, executor, None, None)
-    run, trials = sweep.create_sweep(cfg, Path(args.target).resolve().parent, executor,
-                                     profile.name if executor == "slurm" else None, args.dry_run)
+    executor, profile = _where(cfg, args)
+    trials, plan = plan_sweep(cfg, Path(args.target).resolve().parent)
+    _check(cfg, plan, profile, executor, trials=trials)
+    run = create_sweep(cfg, trials, executor, profile.name if executor == "slurm" else None, args.dry_run)
     print(f"sweep {run.run_id}: {len(trials)} trials\n  {run.dir}")
-    sweep.submit_trials(run, list(range(len(trials))), executor, profile, _max_array(executor, profile),
-                        dry_run=args.dry_run, hold=args.hold)
-    if args.dry_run:
-        print("dry run: nothing was submitted")
-        return 0
-    if executor == "slurm" or args.detach:
-        print(f"follow it with: slurmtune sweep status {run.run_id}")
-        return 0
-    return _wait_local(run)
+    submit_trials(run, list(range(len(trials))), executor, profile, _max_array(executor, profile),
+                  dry_run=args.dry_run, hold=args.hold)
+    return _after_submit(run, executor, args, f"slurmtune sweep status {run.run_id}")
 
 
 def _profile(cfg: RunConfig, args) -> ClusterProfile:

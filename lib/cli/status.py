@@ -20,12 +20,19 @@ def add_root_flag(p) -> None:
     p.add_argument("--root", default="runs", help="folder holding run folders (default: runs)")
 
 
-def _add_status(sub) -> None:
-    p = sub.add_parser("status", help="state of each step of a run (default: the newest run)")
-    p.add_argument("run", nargs="?", metavar="RUN")
-    p.add_argument("--json", action="store_true")
+def add_run_command(sub, name: str, help_text: str, func, newest: bool = False):
+    """A command about one run: RUN (a run id under --root, or a run folder; with ``newest``,
+    optional and the newest run by default)."""
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("run", nargs="?" if newest else None, metavar="RUN")
     add_root_flag(p)
-    p.set_defaults(func=_status)
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_status(sub) -> None:
+    p = add_run_command(sub, "status", "state of each step of a run (default: the newest run)", _status, newest=True)
+    p.add_argument("--json", action="store_true")
 
 
 def _status(args) -> int:
@@ -37,12 +44,9 @@ def _status(args) -> int:
 
 
 def _add_logs(sub) -> None:
-    p = sub.add_parser("logs", help="print (or follow) the logs of a run's step")
-    p.add_argument("run", metavar="RUN")
+    p = add_run_command(sub, "logs", "print (or follow) the logs of a run's step", _logs)
     p.add_argument("step", nargs="?", metavar="STEP")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the step ends")
-    add_root_flag(p)
-    p.set_defaults(func=_logs)
 
 
 def _logs(args) -> int:
@@ -86,10 +90,7 @@ class Follower:
 
 
 def _add_cancel(sub) -> None:
-    p = sub.add_parser("cancel", help="cancel every job of a run")
-    p.add_argument("run", metavar="RUN")
-    add_root_flag(p)
-    p.set_defaults(func=_cancel)
+    add_run_command(sub, "cancel", "cancel every job of a run", _cancel)
 
 
 def _cancel(args) -> int:

@@ -33,6 +33,9 @@ EXECUTORS = ("slurm", "local", "debug")
 TRANSIENT = re.compile(r"(Socket timed out|temporarily unavailable|Unable to contact slurm controller|"
                        r"Resource temporarily unavailable|try again|Transport endpoint)", re.IGNORECASE)
 SUBMIT_RETRIES = 5
+# Requeues of one job, whoever asks for them (submitit's handler on a signal outside training,
+# the trainer after saving a checkpoint): a job that never fits its time limit must not loop forever.
+MAX_REQUEUES = 50
 COMMAND_TIMEOUT_S = 30
 
 
@@ -51,6 +54,8 @@ class Request:
     tasks_per_node: int = 1
     cpus_per_task: int | None = None
     mem_gb: int | None = None
+    cpus_per_gpu: int | None = None  # default: the profile's
+    mem_gb_per_gpu: int | None = None  # default: the profile's
     array_size: int | None = None
     array_parallelism: int = 4
     partition: str | None = None
@@ -87,7 +92,8 @@ def choose_executor(requested: str, cluster: str | None) -> tuple[str, str | Non
 def _parameters(kind: str, profile: ClusterProfile, req: Request, after: list[str]) -> dict[str, Any]:
     """submitit AutoExecutor parameters (generic names, ``slurm_`` for SLURM-only ones)."""
     gpus = req.gpus_per_node
-    cpus = req.cpus_per_task or (max(1, profile.cpus_per_gpu * gpus // req.tasks_per_node) if gpus
+    cpus_per_gpu = req.cpus_per_gpu or profile.cpus_per_gpu
+    cpus = req.cpus_per_task or (max(1, cpus_per_gpu * gpus // req.tasks_per_node) if gpus
                                  else profile.cpus_per_cpu_job)
     params: dict[str, Any] = {
         "name": safe_name(req.job_name, "slurmtune"),
@@ -95,7 +101,8 @@ def _parameters(kind: str, profile: ClusterProfile, req: Request, after: list[st
         "nodes": req.nodes,
         "tasks_per_node": req.tasks_per_node,
         "cpus_per_task": cpus,
-        "mem_gb": req.mem_gb or (profile.mem_gb_per_gpu * gpus if gpus else profile.mem_gb_per_cpu_job),
+        "mem_gb": req.mem_gb or ((req.mem_gb_per_gpu or profile.mem_gb_per_gpu) * gpus if gpus
+                                 else profile.mem_gb_per_cpu_job),
         "slurm_signal_delay_s": profile.signal_lead_s,
         "slurm_array_parallelism": req.array_parallelism,
         "slurm_setup": _setup_lines(profile),
@@ -139,7 +146,7 @@ def _setup_lines(profile: ClusterProfile) -> list[str]:
 def make_executor(kind: str, folder: Path, profile: ClusterProfile, req: Request, after: list[str] = ()):
     import submitit
     check_safe_path(folder, "run folder")
-    options = {"slurm_max_num_timeout": 20}
+    options = {"slurm_max_num_timeout": MAX_REQUEUES}
     if profile.python:
         options["slurm_python"] = profile.python
     ex = submitit.AutoExecutor(folder=folder, cluster=kind, **(options if kind == "slurm" else {}))

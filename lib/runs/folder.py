@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slurmtune.config import RunConfig, from_dict, to_yaml
+from slurmtune.config import RunConfig, from_dict
+from slurmtune.schema import to_yaml
 from slurmtune.errors import UsageError
 from slurmtune.cluster.slurm import check_safe_path, current_job_id, safe_name
 from slurmtune.data.jsonio import write_json_atomic
@@ -110,7 +111,7 @@ class Run:
 
     def config(self) -> RunConfig:
         import yaml
-        from slurmtune.config import SAFE_LOADER
+        from slurmtune.schema import SAFE_LOADER
         return from_dict(yaml.load((self.dir / "manifest.yaml").read_text(encoding="utf-8"), Loader=SAFE_LOADER))
 
     def step(self, name: str) -> Step:
@@ -178,3 +179,8 @@ def data_files(cfg: RunConfig, run_dir: str | os.PathLike) -> tuple[list[str], s
 def eval_file(cfg: RunConfig, run_dir: str | os.PathLike) -> str | None:
     """What the eval step answers: ``data.eval_file``, else the validation split."""
     return cfg.data.eval_file or data_files(cfg, run_dir)[1]
+
+
+def has_eval(cfg: RunConfig) -> bool:
+    """Whether the run has an eval step (and a report): something to answer, named or split off."""
+    return bool(cfg.data.eval_file or cfg.data.split or cfg.data.validation_file)

@@ -33,7 +33,7 @@ from typing import Any
 from slurmtune.config import RunConfig, SweepConfig, apply_values
 from slurmtune.errors import UsageError
 from slurmtune.data.jsonio import AtomicFiles
-from slurmtune.runs.folder import Run
+from slurmtune.runs.folder import Run, has_eval
 from slurmtune.runs.status import ACTIVE, DONE
 
 RANDOM_KINDS = ("uniform", "log_uniform", "choice", "int_uniform")
@@ -210,9 +210,8 @@ def trial_dir(sweep_dir: str | Path, trial: Trial) -> Path:
 
 
 def trial_finished(folder: Path, cfg: RunConfig) -> bool:
-    has_eval = bool(cfg.data.eval_file or cfg.data.split or cfg.data.validation_file)
     return (folder / "final" / "adapter_model.safetensors").is_file() and \
-        (not has_eval or (folder / "eval_report.json").is_file())
+        (not has_eval(cfg) or (folder / "eval_report.json").is_file())
 
 
 RERUN = {"FAILED", "TIMEOUT", "PREEMPTED", "CANCELLED", "LOST", "NODE_FAIL", "OUT_OF_MEMORY",

@@ -265,21 +265,18 @@ def zero_stage(config: dict) -> int:
     return int((config.get("zero_optimization") or {}).get("stage", 0))
 
 
-def check_distributed(cfg: RunConfig, qlora: bool = True) -> list[str]:
-    """Everything that makes a multi-process training pointless to queue, each with its fix.
-    ``qlora=False`` leaves out the QLoRA refusal (preflight.check_gpus already says it)."""
+def check_distributed(cfg: RunConfig) -> list[str]:
+    """Everything that makes a multi-process training pointless to queue, each with its fix
+    (the values themselves, such as nodes >= 1, are checked by config.value_problems)."""
     problems = []
     d, world = cfg.distributed, world_size(cfg)
     if d.nodes < 1 or d.gpus_per_node < 1:
-        return [f"distributed.nodes={d.nodes}, gpus_per_node={d.gpus_per_node}: expected 1 or more each"]
-    if qlora and cfg.train.method == "qlora" and world > 1:
+        return []  # value_problems says so; the arithmetic below needs a world
+    if cfg.train.method == "qlora" and world > 1:
         problems.append(f"train.method=qlora with {world} processes is not supported; fix: train.method=lora "
                         "with distributed.deepspeed=manifests/deepspeed/zero3.json (ZeRO-3 splits the base "
                         "weights across the GPUs, so each holds 1/N of them), or QLoRA on one GPU "
                         "(distributed.nodes=1, distributed.gpus_per_node=1)")
-    if d.timeout_s < 10:
-        problems.append(f"distributed.timeout_s: {d.timeout_s}; expected 10 s or more (ranks start at "
-                        "different moments; loading a model takes a while)")
     try:
         config = read_deepspeed_config(deepspeed_config_path(cfg))
     except UsageError as e:

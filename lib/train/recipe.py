@@ -50,7 +50,8 @@ from slurmtune.train.checkpoints import (
     ADAPTER_FILE, CONFIG_FILE, SAMPLER_FILE, find_resume_checkpoint, layout_problem, read_json, read_marker,
     replace_dir, trainer_class, training_done,
 )
-from slurmtune.config import RunConfig, to_dict
+from slurmtune.config import RunConfig
+from slurmtune.schema import to_dict, value_problems
 from slurmtune.errors import ConfigError, UsageError
 from slurmtune.data.jsonio import write_json_atomic
 from slurmtune.data.dataset import (
@@ -132,6 +133,9 @@ def preflight(cfg: RunConfig, train_files: list[str], n_rows: int = 16) -> dict:
     Raises UsageError when nothing, or everything despite loss_on=assistant, would be trained."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     data = read_train_files(train_files, limit=n_rows)
+    from slurmtune.train.tiny_model import ensure_model  # imports torch: only when asked
+
+    ensure_model(cfg.model)
     tokenizer, template = prepare_tokenizer(cfg, data.kind)
     return count_trained_tokens(cfg, tokenizer, data, template)
 
@@ -142,7 +146,7 @@ class TrainingRecipe:
     def __init__(self, cfg: RunConfig, run_dir: Path, train_files: list[str], validation_file: str | None,
                  stop: StopRequest | None = None, conversion_summary: dict | None = None,
                  sbatch_script: str | None = None, deepspeed: str | None = None, callbacks: tuple = ()):
-        _validate(cfg, train_files)
+        _validate(cfg)
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.train_files = [str(Path(p).resolve()) for p in train_files]
         self.validation_file = str(Path(validation_file).resolve()) if validation_file else None
@@ -171,11 +175,14 @@ class TrainingRecipe:
         self.device = detect_device()
         self._undo += [_deterministic(self.device), _quiet_progress_bars()]
         data = read_train_files(self.train_files)
+        from slurmtune.train.tiny_model import ensure_model
+
+        ensure_model(self.cfg.model)
         self.tokenizer, template = prepare_tokenizer(self.cfg, data.kind)
         report = count_trained_tokens(self.cfg, self.tokenizer, TrainRecords(data.kind, data.records[:16]),
                                       template)
         self.data_files = data.files
-        train_dataset = to_dataset(data, self.tokenizer)
+        train_dataset = to_dataset(data, self.tokenizer, self.cfg.train.loss_on)
         eval_dataset = self._validation_dataset(data.kind)
         write_json_atomic(self.run_dir / CONFIG_FILE, self.config)
         self.log.line(f"start: {len(data.records)} {data.kind} rows from {len(data.files)} file(s), "
@@ -228,11 +235,12 @@ class TrainingRecipe:
 
     def _layout(self) -> tuple[int, str]:
         """(processes, checkpoint format) of this run, before the trainer exists."""
+        from slurmtune.train.distributed import read_deepspeed_config, zero_stage
+
         world = int(os.environ.get("WORLD_SIZE", 1))
         if not self.deepspeed:
             return world, "torch"
-        config = json.loads(Path(self.deepspeed).read_text(encoding="utf-8"))
-        return world, f"deepspeed-zero{(config.get('zero_optimization') or {}).get('stage', 0)}"
+        return world, f"deepspeed-zero{zero_stage(read_deepspeed_config(Path(self.deepspeed)))}"
 
     def _validation_dataset(self, kind: str):
         if not self.validation_file:
@@ -242,7 +250,7 @@ class TrainingRecipe:
             raise UsageError(f"{self.validation_file}: {data.kind} records, but the training files hold "
                              f"{kind} records; fix: validate on the same kind of records")
         self.data_files = self.data_files + data.files
-        return to_dataset(data, self.tokenizer)
+        return to_dataset(data, self.tokenizer, self.cfg.train.loss_on)
 
     def _build_trainer(self, kind: str, train_dataset, eval_dataset):
         from peft import LoraConfig
@@ -400,28 +408,10 @@ def _rel(path: Path | None, base: Path) -> str:
 
 # --- config ----------------------------------------------------------------------------
 
-def _validate(cfg: RunConfig, train_files: list[str]) -> None:
-    """Every problem of the train settings at once, each with the key to fix."""
-    t, lora, problems = cfg.train, cfg.lora, []
-    checks = [
-        (bool(cfg.model.path), "model.path: empty; expected a local model folder (compute nodes are offline)"),
-        (bool(train_files), "data.train_files: empty; expected at least one chat or prompt-completion file"),
-        (t.batch_size >= 1, f"train.batch_size: {t.batch_size}; expected 1 or more"),
-        (t.grad_accum >= 1, f"train.grad_accum: {t.grad_accum}; expected 1 or more"),
-        (t.lr > 0, f"train.lr: {t.lr}; expected a positive learning rate"),
-        (0 <= t.warmup_ratio < 1, f"train.warmup_ratio: {t.warmup_ratio}; expected a share in [0, 1)"),
-        (t.max_length >= 1, f"train.max_length: {t.max_length}; expected 1 or more tokens"),
-        (t.epochs > 0 or t.max_steps > 0, "train.epochs and train.max_steps: expected epochs > 0 or max_steps > 0"),
-        (t.save_steps >= 1 or t.save_each_epoch, f"train.save_steps: {t.save_steps}; expected 1 or more"),
-        (t.keep_last >= 1, f"train.keep_last: {t.keep_last}; expected 1 or more (resume needs a checkpoint)"),
-        (t.early_stopping_patience >= 1,
-         f"train.early_stopping_patience: {t.early_stopping_patience}; expected 1 or more"),
-        (lora.r >= 1, f"lora.r: {lora.r}; expected 1 or more"),
-        (lora.alpha > 0, f"lora.alpha: {lora.alpha}; expected a positive number"),
-        (0 <= lora.dropout < 1, f"lora.dropout: {lora.dropout}; expected a value in [0, 1)"),
-        (bool(lora.target_modules), "lora.target_modules: empty; expected module names such as q_proj, v_proj"),
-    ]
-    problems = [message for ok, message in checks if not ok]
+def _validate(cfg: RunConfig) -> None:
+    """Every problem of the settings at once, each with the key to fix (the checks the login
+    node made before submitting: a recipe called directly makes them too)."""
+    problems = value_problems(cfg)
     if problems:
         raise ConfigError(problems, source="train settings")
 
@@ -449,7 +439,8 @@ def config_diff(old: dict, new: dict) -> list[str]:
 
 
 def _with_defaults(raw: dict) -> dict:
-    from slurmtune.config import RunConfig, to_dict
+    from slurmtune.config import RunConfig
+    from slurmtune.schema import to_dict
     defaults = to_dict(RunConfig())
 
     def fill(value, default):
@@ -545,7 +536,10 @@ def sft_config(cfg: RunConfig, run_dir: Path, device: Device, kind: str, validat
         warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a share of the steps
         max_length=t.max_length,
         packing=t.packing,  # TRL's default 'bfd' packing is padding-free
-        assistant_only_loss=assistant and kind == "chat",
+        # Chat rows come tokenized, their mask in `assistant_masks` (slurmtune.data.dataset.to_dataset),
+        # which TRL turns into labels by itself; its assistant_only_loss wants `messages` rows (it raises
+        # on tokenized ones) and would swap in a template of its own when the model's has no markers.
+        assistant_only_loss=False,
         completion_only_loss=assistant and kind == "prompt-completion",
         seed=t.seed,
         data_seed=cfg.data.seed,
@@ -642,7 +636,8 @@ def format_step(logs: dict, step: int, max_steps: int, tokens_per_s: float | Non
 
 
 def _callbacks(stop: StopRequest, log: TrainingLog) -> list:
-    """Our TrainerCallbacks (defined here so that importing this module does not import transformers)."""
+    """Our TrainerCallbacks. Long because both classes close over ``stop`` and ``log`` and are
+    defined here, in a function, so that importing this module does not import transformers."""
     from transformers import TrainerCallback
 
     class StopOnRequest(TrainerCallback):

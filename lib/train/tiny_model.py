@@ -43,6 +43,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from slurmtune.errors import UsageError
+
 TINY_ARCHES = ("llama", "mistral", "phi3")
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
@@ -122,6 +124,18 @@ def make_tiny_model(
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def ensure_model(model) -> Path:
+    """The folder of ``model`` (a manifest's ModelConfig), with a tiny model built there first
+    when ``model.tiny_arch`` asks for one and none is there yet (demos, tests)."""
+    path = Path(model.path)
+    if not (path / "config.json").is_file():
+        if not model.tiny_arch:
+            raise UsageError(f"model.path: {path}: no such model folder (no config.json); expected a local "
+                             "folder or Hugging Face cache snapshot: compute nodes cannot download")
+        make_tiny_model(path, arch=model.tiny_arch)
+    return path
 
 
 def build_tokenizer(vocab_size: int = 2048) -> PreTrainedTokenizerFast:
