@@ -107,10 +107,10 @@ class TrainDeepSpeedJob(Job):
             raise UsageError("distributed.device=gpu, but this task sees no CUDA device; fix: a GPU partition "
                              "(slurm profile) or distributed.device=cpu to train with CPU processes")
         init_process_group(rdv, cfg.distributed.timeout_s, cuda=cfg.distributed.device == "gpu")
-        if rdv.rank == 0:  # one writer; the others wait for it on the barrier
-            from slurmtune.train.tiny_model import ensure_model
-            ensure_model(cfg.model)
-        barrier()
+        if rdv.rank == 0 and not (Path(cfg.model.path) / "config.json").is_file():
+            from slurmtune.train.tiny_model import ensure_model  # torch and transformers: seconds
+            ensure_model(cfg.model)  # one writer; the others wait for it on the barrier
+        barrier()  # every rank, so none is left waiting in it whatever each saw on disk
         train_files, validation_file = data_files(cfg, self.run_dir)
         reports.beat("loading")
         return run_training(cfg, Path(self.run_dir), train_files, validation_file, stop=stop,

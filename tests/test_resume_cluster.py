@@ -21,6 +21,7 @@ import pytest
 from conftest import write_jsonl
 from slurm_cluster import wait_for_state
 from slurmtune.runs.folder import Run
+from slurmtune.train.checkpoints import complete_checkpoints
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 MAX_STEPS = 300
@@ -102,9 +103,12 @@ def _trained_a_few_steps(run: Run) -> bool:
 
 
 def _checkpoint_half_written(run: Run) -> bool:
-    """The fault-injection pause holds a later checkpoint with its files written, no marker."""
+    """The fault-injection pause holds a later checkpoint with its files written, no marker.
+    Only a later one: the first is written without a pause, and a kill sent while it is being
+    filled may arrive after it is sealed."""
     folder = run.dir / "checkpoints"
-    return folder.is_dir() and any(".tmp-" in p.name and any(p.iterdir()) for p in folder.iterdir())
+    return folder.is_dir() and bool(complete_checkpoints(folder)) and \
+        any(".tmp-" in p.name and any(p.iterdir()) for p in folder.iterdir())
 
 
 def _job(run: Run) -> str:
