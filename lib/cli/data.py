@@ -62,7 +62,6 @@ def _explain(args) -> int:
     return 0
 
 
-
 def _add_convert(sub, argv: list[str]) -> None:
     from slurmtune.data.converters import FORMATS, get_converter
     p = sub.add_parser("convert", help="convert source data into training records",
@@ -119,7 +118,6 @@ def _convert(args) -> int:
     return 0
 
 
-
 def _add_validate(sub) -> None:
     from slurmtune.data.converters import FORMATS
     p = sub.add_parser("validate", help="check every row of data files and report all problems")
@@ -144,7 +142,6 @@ def _validate(args) -> int:
     else:
         print_report(report)
     return 1 if report["problems"] else 0
-
 
 
 def _add_split(sub) -> None:
