@@ -155,8 +155,17 @@ def test_twelve_trials_one_array_at_most_three_at_once_and_resubmit_only_the_kil
     while not (eval_status.is_file() and json.loads(eval_status.read_text())["state"] == "RUNNING"):
         assert time.monotonic() < deadline, "trial 0 never reached its eval phase"
         time.sleep(0.5)
-    # (scancel may exit non-zero when the requeue ends the job while it still signals its steps)
-    subprocess.run(["scancel", "--signal=USR2", f"{array_id}_0"], env=slurm_cluster)
+    # scancel keeps retrying ("Job can not be altered now") while the signal's own requeue is under
+    # way, and would signal the next attempt too: stop it once this attempt has asked to requeue.
+    signal = subprocess.Popen(["scancel", "--signal=USR2", f"{array_id}_0"], env=slurm_cluster)
+    trial_status = run.dir / "status" / f"trial.{first}.json"
+    deadline = time.monotonic() + 120
+    while signal.poll() is None and time.monotonic() < deadline:
+        if trial_status.is_file() and json.loads(trial_status.read_text())["state"] == "REQUEUED":
+            break
+        time.sleep(0.2)
+    signal.terminate()
+    signal.wait()
     wait_for_state(array_id, timeout_s=900, env=slurm_cluster)
     for status_file in (run.dir / "status" / f"trial.{first}.json", eval_status):
         assert json.loads(status_file.read_text())["state"] == "COMPLETED"
