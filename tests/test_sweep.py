@@ -164,7 +164,7 @@ def test_twelve_trials_one_array_at_most_three_at_once_and_resubmit_only_the_kil
         if trial_status.is_file() and json.loads(trial_status.read_text())["state"] == "REQUEUED":
             break
         time.sleep(0.2)
-    signal.terminate()
+    signal.kill()  # scancel sits out SIGTERM while it waits to retry
     signal.wait()
     wait_for_state(array_id, timeout_s=900, env=slurm_cluster)
     for status_file in (run.dir / "status" / f"trial.{first}.json", eval_status):
