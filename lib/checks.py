@@ -345,7 +345,7 @@ def _converted_preview(cfg: RunConfig) -> tuple[list[dict], str, str]:
     as there), as training records."""
     from slurmtune.data.converters import get_converter
     from slurmtune.data.converters.base import Excluded, Rejected, Skipped
-    from slurmtune.data.dataset import KIND_OF_FORMAT, TRAINABLE_FORMATS
+    from slurmtune.data.dataset import KIND_OF_FORMAT, TRAINABLE_FORMATS, trainable_body
     from slurmtune.data.validate import detect_format
 
     converter = get_converter(cfg.data.format)(**cfg.data.options)
@@ -371,13 +371,7 @@ def _converted_preview(cfg: RunConfig) -> tuple[list[dict], str, str]:
         raise SlurmtuneError(f"data.format={cfg.data.format} writes {fmt!r} records, which the text recipe "
                              "cannot train on; fix: a chat output of the converter (e.g. data.options.chat: "
                              "'true' where it has one)")
-    return [_trainable(r) for r in records[:PREVIEW_ROWS]], KIND_OF_FORMAT[fmt], source
-
-
-def _trainable(record: dict) -> dict:
-    if "messages" in record:
-        return {"messages": record["messages"]}
-    return {"prompt": record["prompt"], "completion": record["completion"]}
+    return [trainable_body(r) for r in records[:PREVIEW_ROWS]], KIND_OF_FORMAT[fmt], source
 
 
 def _unique(items: Iterable[str]) -> list[str]:

@@ -152,7 +152,7 @@ def _read_file(name: str, budget: int | None, problems: list[str]):
             converter = get_converter(fmt)()
         try:
             for _, record in converter.convert(item.value, Where(path, item.line)):
-                records.append(_body(record))
+                records.append(trainable_body(record))
         except Rejected as r:
             problems.append(format_location(path, item.line, r.field or None, r.message))
         except Excluded:
@@ -164,7 +164,7 @@ def _read_file(name: str, budget: int | None, problems: list[str]):
     return fmt, records, DataFile(str(path), fmt, rows, sha, excluded)
 
 
-def _body(record: dict) -> dict:
+def trainable_body(record: dict) -> dict:
     """Only what trains: eval fields and meta stay out of the dataset (mixed types break Arrow)."""
     if "messages" in record:
         return {"messages": record["messages"]}
