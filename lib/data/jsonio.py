@@ -23,12 +23,13 @@ leaves a half-written file behind.
 from __future__ import annotations
 
 import codecs
+import itertools
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 from slurmtune.errors import DataError
 
@@ -40,32 +41,76 @@ _WS = " \t\n\r"
 
 @dataclass(frozen=True)
 class Item:
-    """One record of an input file: its 1-based line, and its value or what was wrong."""
+    """One record of an input file: its 1-based line, and its value or what was wrong.
+
+    Records of a JSON document also carry their place in it: ``index`` in the list, and
+    ``key``, the object key holding that list ('' for a top-level list), since several
+    records may share one line (a one-line export puts every record on line 1).
+    """
 
     line: int
     value: Any = None
     error: str | None = None
+    index: int | None = None
+    key: str | None = None
 
 
-def check_input_file(path: str | os.PathLike) -> Path:
-    """Fail with one clear line unless ``path`` is a readable, non-empty, UTF-8 file."""
+def check_input_path(path: str | os.PathLike) -> Path:
+    """Fail with one clear line unless ``path`` names a file."""
     path = Path(path)
     if not path.exists():
         raise DataError(path, None, "no such file")
     if path.is_dir():
         raise DataError(path, None, "is a directory, expected a JSON or JSONL file")
+    return path
+
+
+def check_input_file(path: str | os.PathLike, allow_empty: bool = False) -> Path:
+    """Fail with one clear line unless ``path`` is a readable, non-empty, UTF-8 file."""
+    path = check_input_path(path)
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(_SNIFF_BYTES)
     except OSError as e:
         raise DataError(path, None, f"cannot be read ({e.strerror})") from None
     if not head:
-        raise DataError(path, None, "file is empty")
-    for bom, name in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
-                      (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):
-        if head.startswith(bom):
-            raise DataError(path, 1, f"file is {name}-encoded; expected UTF-8 (re-save it as UTF-8)")
+        if allow_empty:
+            return path
+        raise DataError(path, None, "file is empty; expected JSON records")
+    encoding = sniff_wide_encoding(head)
+    if encoding:
+        name, _, bom = encoding.partition(" ")
+        raise DataError(path, 1, f"file is {name}-encoded{' ' + bom if bom else ''}; expected UTF-8 "
+                                 f"(re-save it as UTF-8, e.g. iconv -f {name} -t UTF-8)")
     return path
+
+
+_SNIFF_BYTES = 4096
+
+
+def sniff_wide_encoding(head: bytes) -> str | None:
+    """'UTF-16LE', 'UTF-32BE (no byte-order mark)', ... for a file of 16/32-bit code units, else None.
+
+    JSON text starts with an ASCII character and UTF-8 JSON holds no NUL byte, so the
+    NULs among the first bytes give the unit size and byte order even without a BOM
+    (the method of RFC 4627, section 3)."""
+    for bom, name in ((codecs.BOM_UTF32_LE, "UTF-32LE"), (codecs.BOM_UTF32_BE, "UTF-32BE"),
+                      (codecs.BOM_UTF16_LE, "UTF-16LE"), (codecs.BOM_UTF16_BE, "UTF-16BE")):
+        if head.startswith(bom):
+            return name
+    head = head[: len(head) - len(head) % 4]
+    if b"\0" not in head or not head.strip(b"\0"):
+        return None  # no NUL: UTF-8 or ASCII; only NULs: not text (a sparse or binary file)
+    nul = [i % 4 for i, b in enumerate(head) if b == 0]
+    share = len(nul) / len(head)
+    if share > 0.6:  # three of four bytes of ASCII text are NUL in UTF-32
+        name = "UTF-32BE" if head[:3] == b"\0\0\0" else "UTF-32LE"
+    elif share > 0.3:
+        odd = sum(1 for i in nul if i % 2 == 1)
+        name = "UTF-16LE" if odd > len(nul) / 2 else "UTF-16BE"
+    else:
+        return None  # a stray NUL: the JSON parser reports it where it is
+    return f"{name} (no byte-order mark)"
 
 
 def is_json_document(path: str | os.PathLike) -> bool:
@@ -116,7 +161,7 @@ def _parse_line(number: int, raw: bytes, last: bool) -> Item:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return Item(number, error=f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                                  f"{e.start + 1}); expected UTF-8 text")
+                                  f"{e.start + 1}){_legacy_hint(raw)}; expected UTF-8 text")
     text = text.rstrip("\r\n")
     if not text.strip():
         return Item(number, value=_BLANK)
@@ -126,6 +171,15 @@ def _parse_line(number: int, raw: bytes, last: bool) -> Item:
         ends_early = e.pos >= len(text.rstrip())
         hint = " (the file looks truncated)" if last and ends_early else " (the record ends early)" if ends_early else ""
         return Item(number, error=f"invalid JSON: {e.msg} at column {e.colno}{hint}")
+
+
+def _legacy_hint(raw: bytes) -> str:
+    """Most non-UTF-8 text in Western course data is Windows-1252 (a superset of Latin-1)."""
+    try:
+        raw.decode("cp1252")
+    except UnicodeDecodeError:
+        return ""
+    return "; it looks like Windows-1252/Latin-1 (iconv -f CP1252 -t UTF-8 converts it)"
 
 
 class _Blank:
@@ -173,8 +227,8 @@ class _DocumentReader:
             text = self.decoder.decode(raw, final=not raw)
         except UnicodeDecodeError as e:
             seen = self.buf[self.pos:] + raw[: e.start].decode("utf-8", "replace")
-            raise self.fail("not valid UTF-8; expected UTF-8 text",
-                            self.line + seen.count("\n")) from None
+            raise self.fail(f"not valid UTF-8 (byte 0x{raw[e.start]:02x}){_legacy_hint(raw)}; "
+                            "expected UTF-8 text", self.line + seen.count("\n")) from None
         self.buf = self.buf[self.pos:] + text
         self.pos = 0
         self.eof = not raw
@@ -278,7 +332,7 @@ def _iter_object_list(reader: _DocumentReader, list_keys: tuple[str, ...]) -> It
             reader.expect(":", "':' after an object key")
             if key in list_keys and reader.peek() == "[" and not found:
                 found = True
-                yield from _iter_list(reader)
+                yield from _iter_list(reader, key)
             else:
                 reader.value()  # export metadata: not records
             if reader.expect(",}", "',' or '}'") == "}":
@@ -287,23 +341,23 @@ def _iter_object_list(reader: _DocumentReader, list_keys: tuple[str, ...]) -> It
         raise reader.fail(f"expected key '{list_keys[0]}' holding a list of records", 1)
 
 
-def _iter_list(reader: _DocumentReader) -> Iterator[Item]:
+def _iter_list(reader: _DocumentReader, key: str = "") -> Iterator[Item]:
     reader.expect("[", "'['")
     if reader.peek() == "]":
         reader.advance(reader.pos + 1)
         return
-    while True:
+    for index in itertools.count():
         reader.peek()
         line = reader.line
         try:
             value = reader.value()
         except DataError as e:
-            yield Item(e.line or line, error=e.reason)
+            yield Item(e.line or line, error=e.reason, index=index, key=key)
             if not reader.skip_value():
                 raise reader.fail("cannot read past the malformed record above "
                                   "(the file looks truncated)", line) from None
         else:
-            yield Item(line, value=value)
+            yield Item(line, value=value, index=index, key=key)
         if reader.expect(",]", "',' or ']' between records") == "]":
             return
 
@@ -320,13 +374,17 @@ class AtomicFiles:
 
     ::
 
-        with AtomicFiles(out_dir) as files:
+        with AtomicFiles(out_dir, replaces={"validation.jsonl"}) as files:
             files.open("train.jsonl").write(...)
-        # renamed into place here; on an exception the temporaries are removed
+        # renamed into place here, and the files named in ``replaces`` that this
+        # set did not write again are removed; on an exception the temporaries are
+        # removed and the folder is as it was
     """
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, replaces: Iterable[str] = ()):
         self.directory = Path(directory)
+        self.replaces = set(replaces)
+        self.removed: list[str] = []  # files of the replaced set this one did not write again
         self._open: dict[str, IO[str]] = {}
 
     def __enter__(self) -> "AtomicFiles":
@@ -344,6 +402,11 @@ class AtomicFiles:
     def write_json(self, name: str, obj: Any) -> None:
         self.open(name).write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
+    @property
+    def names(self) -> list[str]:
+        """The files of this set, in the order they were opened."""
+        return list(self._open)
+
     def __exit__(self, exc_type, exc, tb) -> None:
         for f in self._open.values():
             if exc_type is None:
@@ -355,6 +418,10 @@ class AtomicFiles:
                 os.replace(self._tmp(name), self.directory / name)
             else:
                 self._tmp(name).unlink(missing_ok=True)
+        if exc_type is None:
+            for name in sorted(self.replaces - set(self._open)):
+                (self.directory / name).unlink(missing_ok=True)
+                self.removed.append(name)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
