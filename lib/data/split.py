@@ -19,8 +19,10 @@ from typing import Any
 
 from slurmtune.errors import DataError, UsageError
 from slurmtune.data.jsonio import AtomicFiles, dumps, iter_records, non_blank
+from slurmtune.data.outputs import prepare_out_dir, previous_outputs
 
 SPLIT_NAMES = ("train", "validation", "test")
+SPLIT_SUMMARY = "split_summary.json"
 
 
 def parse_ratios(text: str) -> list[float]:
@@ -61,8 +63,13 @@ def field_value(record: Any, dotted: str) -> Any:
 
 def split_file(path: str | Path, ratios: list[float], out_dir: str | Path,
                group_by: str | None = None, seed: int = 42) -> dict:
-    """Write train/validation[/test].jsonl into ``out_dir``; returns the summary."""
+    """Write train/validation[/test].jsonl and split_summary.json into ``out_dir``, replacing
+    the split there as a whole (a 2-way split removes an earlier split's test.jsonl);
+    returns the summary."""
     path = Path(path)
+    every = [f"{name}.jsonl" for name in SPLIT_NAMES] + [SPLIT_SUMMARY]
+    out_dir = prepare_out_dir(out_dir, [path], every)
+    previous = previous_outputs(out_dir, SPLIT_SUMMARY, every)
     rows_per_group: Counter[str] = Counter()
     problems = []
     for n, item in enumerate(non_blank(iter_records(path))):
@@ -71,11 +78,14 @@ def split_file(path: str | Path, ratios: list[float], out_dir: str | Path,
             continue
         rows_per_group[_group_key(item.value, group_by, n, path, item.line)] += 1
     if problems:
-        raise DataError(path, None, f"{len(problems)} unreadable row(s); first: {problems[0]}")
+        raise DataError(path, None, f"{len(problems)} unreadable row(s); first: {problems[0]}; "
+                                    "nothing written")
+    if not rows_per_group:
+        raise DataError(path, None, "no records; expected one JSON record per line")
     assignment = assign_groups(rows_per_group, ratios, seed)
     names = SPLIT_NAMES[: len(ratios)]
     counts = Counter()
-    with AtomicFiles(out_dir) as files:
+    with AtomicFiles(out_dir, replaces=previous) as files:
         outs = [files.open(f"{name}.jsonl") for name in names]
         for n, item in enumerate(non_blank(iter_records(path))):
             index = assignment[_group_key(item.value, group_by, n, path, item.line)]
@@ -86,8 +96,9 @@ def split_file(path: str | Path, ratios: list[float], out_dir: str | Path,
             "read": sum(rows_per_group.values()), "groups": len(rows_per_group),
             "rows": {name: counts[name] for name in names},
             "groups_per_split": dict(Counter(names[i] for i in assignment.values())),
+            "files": [*files.names, SPLIT_SUMMARY],
         }
-        files.write_json("split_summary.json", summary)
+        files.write_json(SPLIT_SUMMARY, summary)
     return summary
 
 
