@@ -103,9 +103,6 @@ def _fraction(text: str) -> float:
 
 def _convert(args) -> int:
     from slurmtune.data.converters import get_converter, run_conversion
-    from slurmtune.data.jsonio import check_input_file
-    for path in args.inputs:
-        check_input_file(path)
     options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_")}
     converter = get_converter(args.format)(**options)
     summary = run_conversion(converter, args.inputs, args.out, split=args.split,
@@ -115,6 +112,8 @@ def _convert(args) -> int:
         print(f"  {Path(args.out) / name}: {count} records")
     if summary.rejected:
         print(f"  {Path(args.out) / 'rejected.jsonl'}: {summary.rejected} rejected rows with reasons")
+    for name in summary.removed:
+        print(f"  {Path(args.out) / name}: removed (from the previous conversion, not written this time)")
     return 0
 
 

@@ -150,11 +150,12 @@ def _read_file(name: str, budget: int | None, problems: list[str]):
                 raise UsageError(f"{path}: looks like {fmt!r} data, not chat, prompt-completion or alpaca; "
                                  f"fix: run `slurmtune convert {fmt} {path} --out DIR` and train on DIR/train.jsonl")
             converter = get_converter(fmt)()
+        where = Where.of(path, item)
         try:
-            for _, record in converter.convert(item.value, Where(path, item.line)):
+            for _, record in converter.convert(item.value, where):
                 records.append(trainable_body(record))
         except Rejected as r:
-            problems.append(format_location(path, item.line, r.field or None, r.message))
+            problems += [where.location(name or None, message) for name, message in r.problems]
         except Excluded:
             excluded += 1
     if fmt is None:

@@ -29,6 +29,30 @@ PART_TYPES = {"text": "text", "image": "image", "video": "video"}
 Problem = tuple[str, str]
 
 
+def json_type(value: Any) -> str:
+    """The JSON name of a value's type, as messages say it: 'a string', 'a number', 'null'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def text_problem(value: Any, expected: str, present: bool = True) -> str | None:
+    """What is wrong with a field that must hold non-empty text (``expected`` names it), or None."""
+    if not present:
+        return f"missing; expected {expected}"
+    if not isinstance(value, str):
+        return f"expected a string, got {json_type(value)}"
+    if not value.strip():
+        return f"empty; expected {expected}"
+    return None
+
+
 def kind_of(record: Any) -> str | None:
     """'chat', 'prompt-completion', or None when the record is neither."""
     if isinstance(record, dict):
@@ -46,7 +70,7 @@ def check_record(record: Any) -> list[Problem]:
     if kind == "prompt-completion":
         return check_prompt_completion(record)
     if not isinstance(record, dict):
-        return [("record", f"expected a JSON object, got {type(record).__name__}")]
+        return [("record", f"expected a JSON object, got {json_type(record)}")]
     return [("messages", "missing; expected 'messages' (chat) or 'prompt' and 'completion'")]
 
 
@@ -69,7 +93,7 @@ def check_chat(record: dict) -> list[Problem]:
 
 def check_message(message: Any, where: str, first: bool = False) -> list[Problem]:
     if not isinstance(message, dict):
-        return [(where, f"expected an object with role and content, got {type(message).__name__}")]
+        return [(where, f"expected an object with role and content, got {json_type(message)}")]
     role = message.get("role")
     problems: list[Problem] = []
     if role not in ROLES:
@@ -87,7 +111,8 @@ def check_content(content: Any, where: str) -> list[Problem]:
     if isinstance(content, str):
         return []
     if not isinstance(content, list) or not content:
-        return [(where, "expected a string or a non-empty list of parts")]
+        got = "an empty list" if content == [] else ("nothing" if content is None else json_type(content))
+        return [(where, f"expected a string or a non-empty list of parts, got {got}")]
     problems = []
     for j, part in enumerate(content):
         at = f"{where}[{j}]"
@@ -108,7 +133,8 @@ def check_prompt_completion(record: dict) -> list[Problem]:
             for i, message in enumerate(value):
                 problems += check_message(message, f"{key}[{i}]", first=(i == 0))
         elif not isinstance(value, str):
-            problems.append((key, "expected a string or a list of messages"))
+            got = "nothing" if key not in record else json_type(value)
+            problems.append((key, f"expected a string or a list of messages, got {got}"))
     if not problems and not content_text(_last_content(record["completion"])).strip():
         problems.append(("completion", "empty completion; expected the text to train on"))
     return problems + _check_meta(record)
@@ -116,7 +142,7 @@ def check_prompt_completion(record: dict) -> list[Problem]:
 
 def _check_meta(record: dict) -> list[Problem]:
     if "meta" in record and not isinstance(record["meta"], dict):
-        return [("meta", "expected an object")]
+        return [("meta", f"expected an object, got {json_type(record['meta'])}")]
     return []
 
 

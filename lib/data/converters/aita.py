@@ -28,7 +28,7 @@ import json
 from typing import Any, Iterable
 
 from slurmtune.data.converters.base import Converter, Where
-from slurmtune.data.records import check_content, content_text
+from slurmtune.data.records import check_content, content_text, json_type, text_problem
 
 SPEAKER_ROLES = {"aita": "assistant", "tutor": "assistant", "assistant": "assistant",
                  "student": "user", "user": "user"}
@@ -52,7 +52,7 @@ def _is_id(x: Any) -> bool:
 def _turn_message(turn: Any, at: str) -> tuple[dict | None, Problems]:
     """One turn as a chat message, or the turn's problems."""
     if not isinstance(turn, dict):
-        return None, [(at, f"expected a turn object with speaker and utterance, got {type(turn).__name__}")]
+        return None, [(at, f"expected a turn object with speaker and utterance, got {json_type(turn)}")]
     if "speaker" not in turn and "role" in turn:  # already in chat form (e.g. a system turn)
         role, content = turn["role"], turn.get("content")
         if role not in TURN_ROLES:
@@ -66,8 +66,9 @@ def _turn_message(turn: Any, at: str) -> tuple[dict | None, Problems]:
     if role is None:
         found = "missing" if speaker is None else f"unknown speaker {speaker!r}"
         return None, [(f"{at}.speaker", f"{found}; expected {EXPECTED_SPEAKERS}")]
-    if not isinstance(utterance, str) or not utterance.strip():
-        return None, [(f"{at}.utterance", "missing or empty; expected the words of the turn")]
+    problem = text_problem(utterance, "the words of the turn", "utterance" in turn)
+    if problem:
+        return None, [(f"{at}.utterance", problem)]
     return {"role": role, "content": utterance}, []
 
 
@@ -109,10 +110,10 @@ def check_dialogue(d: dict) -> Problems:
         problems.append(("aita_profile", "missing; expected an object with the tutor's name, subject and "
                                          "grade_level (or a system turn first in dialogue_turns)"))
     elif profile is not None and not isinstance(profile, dict):
-        problems.append(("aita_profile", f"expected an object, got {type(profile).__name__}"))
+        problems.append(("aita_profile", f"expected an object, got {json_type(profile)}"))
     intent = d.get("pedagogical_intent")
     if intent is not None and not isinstance(intent, dict):
-        problems.append(("pedagogical_intent", f"expected an object, got {type(intent).__name__}"))
+        problems.append(("pedagogical_intent", f"expected an object, got {json_type(intent)}"))
     return problems
 
 
@@ -190,6 +191,7 @@ class Aita(Converter):
     outputs = ("train.jsonl",)
     list_keys = ("dialogues",)
     group_field = "meta.dialogue_id"
+    id_field = "dialogue_id"
 
     row_kind = "a dialogue object"  # synthetic dialogues carry no consent object; one that does must satisfy it
 

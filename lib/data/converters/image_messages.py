@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from slurmtune.data.converters.base import Converter, Where
-from slurmtune.data.records import PART_TYPES, check_message
+from slurmtune.data.records import PART_TYPES, check_message, text_problem
 
 Problems = list[tuple[str, str]]
 MEDIA = ("image", "video")
@@ -46,9 +46,9 @@ def check_row(row: dict) -> Problems:
             what = ("the answer in `expected`, not as a final assistant turn" if role == "assistant"
                     else "the question as the last (user) turn")
             problems.append((f"messages[{len(messages) - 1}].role", f"last turn is {role!r}; expected {what}"))
-    expected = row.get("expected")
-    if not isinstance(expected, str) or not expected.strip():
-        problems.append(("expected", "missing or empty; expected the answer as a non-empty string"))
+    problem = text_problem(row.get("expected"), "the answer", "expected" in row)
+    if problem:
+        problems.append(("expected", problem))
     return problems
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from slurmtune.data.converters.base import Converter, Where
-from slurmtune.data.records import check_chat, check_prompt_completion
+from slurmtune.data.records import check_chat, check_prompt_completion, json_type, text_problem
 
 Problems = list[tuple[str, str]]
 EVAL_FIELDS = ("expected", "key_points", "expect_refusal", "reference")
@@ -35,7 +35,7 @@ def check_eval_fields(row: dict) -> Problems:
     problems: Problems = []
     for key in ("expected", "reference"):
         if row.get(key) is not None and not isinstance(row[key], str):
-            problems.append((key, f"expected a string, got {type(row[key]).__name__}"))
+            problems.append((key, f"expected a string, got {json_type(row[key])}"))
     points = row.get("key_points")
     if points is not None and (not isinstance(points, list)
                                or not all(isinstance(p, str) and p.strip() for p in points)):
@@ -107,11 +107,12 @@ class Alpaca(_PublicFormat):
     def check(self, row: dict) -> Problems:
         problems: Problems = []
         for key in ("instruction", "output"):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                problems.append((key, "missing or empty; expected a non-empty string"))
+            problem = text_problem(row.get(key), f"the {key} text", key in row)
+            if problem:
+                problems.append((key, problem))
         for key in ("input", "system"):
             if row.get(key) is not None and not isinstance(row[key], str):
-                problems.append((key, f"expected a string, got {type(row[key]).__name__}"))
+                problems.append((key, f"expected a string, got {json_type(row[key])}"))
         return problems + _check_meta(row)
 
     def body(self, row: dict) -> dict:

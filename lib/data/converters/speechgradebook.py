@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from slurmtune.data.converters.base import Converter, Option, Rejected, Skipped, Where
-from slurmtune.data.records import text_part
+from slurmtune.data.records import json_type, text_part, text_problem
 
 SYSTEM_PROMPT = (
     "You are an experienced public-speaking instructor. Grade the speech against the rubric. "
@@ -55,7 +55,7 @@ def check_rubric(rubric: Any) -> Problems:
         return [("rubric", "missing; expected an object with name and categories")]
     problems: Problems = []
     if not isinstance(rubric.get("name"), str):
-        problems.append(("rubric.name", "expected a string"))
+        problems.append(("rubric.name", f"expected a string, got {json_type(rubric.get('name'))}"))
     categories = rubric.get("categories")
     if not isinstance(categories, list) or not categories:
         return problems + [("rubric.categories", "expected a non-empty list of {name, maxScore}")]
@@ -125,13 +125,15 @@ def check_evaluation(ev: dict) -> Problems:
     problems: Problems = []
     for key in ("evaluation_id", "student_id"):
         if not _is_id(ev.get(key)):
-            problems.append((key, f"{ev.get(key)!r}; expected a non-empty string or integer id"))
+            found = "missing" if key not in ev else f"{ev[key]!r}"
+            problems.append((key, f"{found}; expected a non-empty string or integer id"))
     if "created_at" in ev and _parse_time(ev["created_at"]) is None:
         problems.append(("created_at", f"{ev['created_at']!r}; expected an ISO 8601 time"))
-    if not isinstance(ev.get("transcript"), str) or not ev["transcript"].strip():
-        problems.append(("transcript", "missing or empty; expected the speech's transcript"))
-    if "video_notes" in ev and ev["video_notes"] is not None and not isinstance(ev["video_notes"], str):
-        problems.append(("video_notes", "expected a string"))
+    problem = text_problem(ev.get("transcript"), "the speech's transcript", "transcript" in ev)
+    if problem:
+        problems.append(("transcript", problem))
+    if ev.get("video_notes") is not None and not isinstance(ev["video_notes"], str):
+        problems.append(("video_notes", f"expected a string, got {json_type(ev['video_notes'])}"))
     rubric_problems = check_rubric(ev.get("rubric"))
     problems += rubric_problems
     data = ev.get("evaluation_data")
@@ -181,6 +183,7 @@ class SpeechGradebook(Converter):
     outputs = ("train.jsonl",)
     list_keys = ("evaluations",)
     group_field = "meta.student_id"
+    id_field = "evaluation_id"
     row_kind = "an evaluation object"
     consent_required = True  # the export contract: no consent object means no consent
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from slurmtune.data.converters.base import Converter, Option, Where
+from slurmtune.data.records import text_problem
 from slurmtune.errors import UsageError
 
 PLACEHOLDER = "{{name}}"
@@ -51,8 +52,9 @@ class TriggerQA(Converter):
     row_kind = "an object with question and answer"
 
     def check_row(self, row: dict, where: Where) -> list[tuple[str, str]]:
-        return [(key, f"missing or empty; expected a non-empty string (may use {PLACEHOLDER})")
-                for key in ("question", "answer") if not isinstance(row.get(key), str) or not row[key].strip()]
+        problems = [(key, text_problem(row.get(key), f"the {key} (may use {PLACEHOLDER})", key in row))
+                    for key in ("question", "answer")]
+        return [(key, problem) for key, problem in problems if problem]
 
     def convert(self, value: Any, where: Where) -> Iterable[tuple[str, dict]]:
         value = self.admit(value, where)
