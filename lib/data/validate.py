@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from slurmtune.data.converters import FORMATS, get_converter
-from slurmtune.data.converters.base import Where
+from slurmtune.data.converters.base import Excluded, Where
 from slurmtune.data.converters.speechgradebook import check_rubric, check_scores
 from slurmtune.errors import DataError, UsageError, format_location
 from slurmtune.data.jsonio import check_input_file, dumps, is_json_document, iter_records, non_blank
@@ -64,20 +64,53 @@ def detect_format(record: Any, document: bool) -> str:
 
 
 class _Checker:
-    """Row checks for one format; ``check`` returns (field, message) problems."""
+    """Row checks for one format; ``check`` returns (field, message) problems, or raises
+    Excluded for a row that may not train (counted, never inspected or shown)."""
 
     def __init__(self, fmt: str):
         self.fmt = fmt
         self.converter = None
         if fmt not in CANONICAL and fmt not in QWEN_MANIFESTS:
             self.converter = get_converter(fmt)(**_PLACEHOLDER_OPTIONS.get(fmt, {}))
+        self.seen: dict[str, Where] = {}  # content hash or meta id -> first row with it
 
     def check(self, value: Any, where: Where) -> list[tuple[str, str]]:
-        if self.converter is not None:
+        if self.converter is not None:  # the format's own checks, its source id included
             return self.converter.problems(value, where)
-        if self.fmt in QWEN_MANIFESTS:
-            return check_qwen_manifest(value, self.fmt)
-        return check_record(value)
+        problems = check_qwen_manifest(value, self.fmt) if self.fmt in QWEN_MANIFESTS else check_record(value)
+        return problems + self.duplicate(value, where)
+
+    def duplicate(self, value: Any, where: Where) -> list[tuple[str, str]]:
+        """A converted record seen before: the same source id in its meta, or the same content."""
+        if not isinstance(value, dict):
+            return []
+        meta_id = _meta_id(value)
+        if meta_id is not None:
+            first = self.seen.setdefault(f"id:{dumps(meta_id)}", where)
+            if first is not where:
+                field, key = meta_id[1], meta_id[2]
+                return [(field, f"duplicate: {key!r} is also the {field} of {first.seen_from(where)}; "
+                                "expected each source row once")]
+        content = hashlib.sha1(dumps({k: v for k, v in value.items() if k != "meta"}).encode()).hexdigest()
+        first = self.seen.setdefault(f"content:{content}", where)
+        if first is where:
+            return []
+        return [("", f"duplicate of {first.seen_from(where)} (the same record); expected each row once")]
+
+
+# Formats whose conversion writes one record per source row, so a source id twice is a duplicate.
+_ONE_RECORD_PER_ROW = {"speechgradebook": "evaluation_id", "qwen-single": "evaluation_id",
+                       "qwen-corrections": "evaluation_id", "aita": "dialogue_id"}
+
+
+def _meta_id(value: dict) -> tuple[str, str, Any] | None:
+    meta = value.get("meta")
+    if not isinstance(meta, dict):
+        return None
+    key = _ONE_RECORD_PER_ROW.get(meta.get("source"))
+    if key is None or meta.get(key) is None or isinstance(meta[key], (dict, list)):
+        return None
+    return meta["source"], f"meta.{key}", meta[key]
 
 
 def check_qwen_manifest(row: Any, fmt: str) -> list[tuple[str, str]]:
@@ -125,76 +158,87 @@ def validate_files(files: list[str], fmt: str = "auto", check_paths: bool = Fals
                    tokenizer: str | None = None, max_length: int | None = None) -> dict:
     if fmt != "auto" and fmt not in FORMATS and fmt not in CANONICAL:
         raise UsageError(f"unknown format {fmt!r}")
-    report: dict = {"files": [], "rows": 0, "problems": [], "stats": {}}
-    seen_rows: dict[str, tuple[str, int]] = {}
-    group_file: dict[tuple[str, Any], tuple[str, int]] = {}
-    lengths = _TokenLengths(tokenizer, max_length) if tokenizer else None
-
-    def problem(path, line, field, message):
-        report["problems"].append({"file": str(path), "line": line, "field": field, "message": message})
-
+    run = _Validation(fmt, check_paths, _TokenLengths(tokenizer, max_length) if tokenizer else None)
     for name in files:
         try:
             path = check_input_file(name)
         except DataError as e:
-            problem(e.path, e.line, None, e.reason)
+            run.report["problems"].append({"file": e.path, "line": e.line, "field": None, "message": e.reason})
             continue
-        file_fmt, rows = _validate_file(path, fmt, check_paths, problem, seen_rows, group_file, lengths)
-        report["files"].append({"file": str(path), "format": file_fmt, "rows": rows})
-        report["rows"] += rows
-    if lengths:
-        report["stats"]["tokens"] = lengths.summary()
-    return report
+        run.file(path)
+    if run.lengths:
+        run.report["stats"]["tokens"] = run.lengths.summary()
+    return run.report
 
 
-def _validate_file(path, fmt, check_paths, problem, seen_rows, group_file, lengths) -> tuple[str, int]:
-    checker = None
-    rows = 0
-    groups_reported: set = set()
-    try:
-        for item in progress(non_blank(iter_records(path, ("evaluations", "dialogues"))),
-                             desc=f"validate {path.name}", unit="rows"):
-            rows += 1
-            if item.error:
-                problem(path, item.line, None, item.error)
-                continue
-            if checker is None:
-                checker = _Checker(fmt if fmt != "auto" else detect_format(item.value, is_json_document(path)))
-            where = Where(path, item.line)
-            for field, message in checker.check(item.value, where):
-                problem(path, item.line, field, message)
-            _check_duplicate(item.value, checker.fmt, path, item.line, seen_rows, problem)
-            group = _group_of(item.value)
-            if group is not None:
-                # Files of one format given together are taken as splits of one set.
-                first = group_file.setdefault((checker.fmt, group), (str(path), item.line))
-                if first[0] != str(path) and (group, str(path)) not in groups_reported:
-                    groups_reported.add((group, str(path)))
-                    problem(path, item.line, "student_id", f"student {group!r} is also in {first[0]} "
-                            f"(line {first[1]}); expected each student in one split only")
-            if check_paths:
-                for field, media in _media_of(item.value, checker.fmt):
-                    if not _media_exists(media, path):
-                        problem(path, item.line, field, f"file not found: {media}")
-            if lengths and checker.fmt in CANONICAL:
-                lengths.add(item.value, path, item.line, problem)
-    except DataError as e:
-        problem(e.path, e.line, e.field, e.reason)
-    return (checker.fmt if checker else "unknown" if fmt == "auto" else fmt), rows
+class _Validation:
+    """The state shared by the files of one `slurmtune validate`: one checker per format
+    (ids and content seen in any file), and each student's first file (splits)."""
 
+    def __init__(self, fmt: str, check_paths: bool, lengths: "_TokenLengths | None"):
+        self.fmt, self.check_paths, self.lengths = fmt, check_paths, lengths
+        self.report: dict = {"files": [], "rows": 0, "excluded": 0, "problems": [], "stats": {}}
+        self.checkers: dict[str, _Checker] = {}
+        self.group_file: dict[tuple[str, Any], Where] = {}
 
-def _check_duplicate(value, fmt, path, line, seen_rows, problem) -> None:
-    if fmt == "speechgradebook" and isinstance(value, dict) and "evaluation_id" in value:
-        key = f"evaluation_id:{value['evaluation_id']!r}"
-    elif isinstance(value, dict):
-        content = {k: v for k, v in value.items() if k != "meta"}
-        key = hashlib.sha1(dumps(content).encode()).hexdigest()
-    else:
-        return
-    first = seen_rows.setdefault(key, (str(path), line))
-    if first != (str(path), line):
-        what = "evaluation_id" if key.startswith("evaluation_id:") else None
-        problem(path, line, what, f"duplicate of {first[0]}:{first[1]}")
+    def problem(self, where: Where, field: str | None, message: str) -> None:
+        entry = {"file": str(where.path), "line": where.line, "field": where.field(field or None),
+                 "message": message}
+        if where.index is not None:
+            entry["index"] = where.index
+        self.report["problems"].append(entry)
+
+    def file(self, path: Path) -> None:
+        entry = {"file": str(path), "format": "unknown" if self.fmt == "auto" else self.fmt,
+                 "rows": 0, "excluded": 0}
+        self.report["files"].append(entry)
+        reported: set = set()
+        try:
+            for item in progress(non_blank(iter_records(path, ("evaluations", "dialogues"))),
+                                 desc=f"validate {path.name}", unit="rows"):
+                entry["rows"] += 1
+                self.report["rows"] += 1
+                where = Where.of(path, item)
+                if item.error:
+                    self.problem(where, None, item.error)
+                    continue
+                checker = self.checker(entry, item.value, path)
+                try:
+                    problems = checker.check(item.value, where)
+                except Excluded:  # consent first: never inspected, never shown
+                    entry["excluded"] += 1
+                    self.report["excluded"] += 1
+                    continue
+                for field, message in problems:
+                    self.problem(where, field, message)
+                self.row(item.value, where, checker.fmt, reported)
+        except DataError as e:
+            self.report["problems"].append({"file": e.path, "line": e.line, "field": e.field, "message": e.reason})
+
+    def checker(self, entry: dict, value: Any, path: Path) -> _Checker:
+        if entry["format"] == "unknown":
+            entry["format"] = detect_format(value, is_json_document(path))
+        fmt = entry["format"]
+        if fmt not in self.checkers:
+            self.checkers[fmt] = _Checker(fmt)
+        return self.checkers[fmt]
+
+    def row(self, value: Any, where: Where, fmt: str, reported: set) -> None:
+        """The checks across rows and files, and of what a row points at, for a row that may train."""
+        group = _group_of(value)
+        if group is not None:
+            # Files of one format given together are taken as splits of one set.
+            first = self.group_file.setdefault((fmt, dumps(group)), where)
+            if first.path != where.path and dumps(group) not in reported:
+                reported.add(dumps(group))
+                self.problem(where, "student_id", f"student {group!r} is also in {first.seen_from(where)}; "
+                             "expected each student in one split only")
+        if self.check_paths:
+            for field, media in _media_of(value, fmt):
+                if not _media_exists(media, where.path):
+                    self.problem(where, field, f"file not found: {media}")
+        if self.lengths and fmt in CANONICAL:
+            self.lengths.add(value, where, self.problem)
 
 
 def _media_exists(media: str, data_file: Path) -> bool:
@@ -215,19 +259,19 @@ class _TokenLengths:
         self.truncated = 0
         self.cut_off = 0
 
-    def add(self, record: dict, path: Path, line: int, problem) -> None:
+    def add(self, record: dict, where: Where, problem) -> None:
         from slurmtune.data.chat_format import token_counts
         try:
             prompt_len, total = token_counts(self.tokenizer, record)
         except ValueError as e:
-            problem(path, line, "messages", str(e))
+            problem(where, "messages", str(e))
             return
         self.totals.append(total)
         if total > self.max_length:
             self.truncated += 1
         if prompt_len >= self.max_length:
             self.cut_off += 1
-            problem(path, line, None, f"the trained part starts at token {prompt_len}, at or beyond "
+            problem(where, None, f"the trained part starts at token {prompt_len}, at or beyond "
                     f"--max-length {self.max_length}: zero trained tokens (raise max_length or shorten the prompt)")
 
     def summary(self) -> dict:
@@ -243,7 +287,8 @@ def print_report(report: dict) -> None:
     for p in report["problems"]:
         print(format_location(p["file"], p["line"], p["field"], p["message"]))
     for f in report["files"]:
-        print(f"{f['file']}: {f['rows']} rows ({f['format']})")
+        excluded = f", {f['excluded']} excluded for consent or demo (not checked, not shown)" if f["excluded"] else ""
+        print(f"{f['file']}: {f['rows']} rows ({f['format']}){excluded}")
     tokens = report["stats"].get("tokens")
     if tokens and tokens.get("rows"):
         print(f"tokens per row: min {tokens['min']}, median {tokens['median']:g}, p95 {tokens['p95']}, "
