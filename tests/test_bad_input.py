@@ -63,7 +63,7 @@ def test_a_malformed_evaluation_in_the_middle_is_skipped_alone(cli, tmp_path):
     assert ids == ["e1", "e3"]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert (summary["read"], summary["written"], summary["rejected"]) == (3, 2, 1)
-    assert summary["rejected_reasons"][0].startswith(f"{src}:4: invalid JSON: Expecting ':' delimiter")
+    assert summary["rejected_reasons"][0].startswith(f"{src}:4: evaluations[1]: invalid JSON: Expecting ':' delimiter")
 
 
 def test_wrong_encodings(cli, tmp_path):
@@ -74,7 +74,7 @@ def test_wrong_encodings(cli, tmp_path):
     utf16 = tmp_path / "utf16.jsonl"
     utf16.write_text(json.dumps(GOOD) + "\n", encoding="utf-16")
     r = cli("convert", "chat", utf16, "--out", tmp_path / "o2")
-    assert r.code == 1 and f"{utf16}:1: file is UTF-16-encoded; expected UTF-8" in r.err
+    assert r.code == 1 and f"{utf16}:1: file is UTF-16LE-encoded; expected UTF-8" in r.err
     bom = tmp_path / "bom.jsonl"
     bom.write_text(json.dumps(GOOD) + "\n", encoding="utf-8-sig")  # a BOM is harmless
     assert cli("convert", "chat", bom, "--out", tmp_path / "o3").code == 0
@@ -84,10 +84,17 @@ def test_directory_empty_and_missing_files(cli, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     for path, message in [(tmp_path, "is a directory, expected a JSON or JSONL file"),
-                          (empty, "file is empty"), (tmp_path / "nope.jsonl", "no such file")]:
+                          (tmp_path / "nope.jsonl", "no such file")]:
         r = cli("convert", "chat", path, "--out", tmp_path / "out")
         assert r.code == 1 and f"{path}: {message}" in r.err, r.err
         assert not (tmp_path / "out").exists()
+    # An empty file is a conversion that found nothing: its counts are written.
+    r = cli("convert", "chat", empty, "--out", tmp_path / "out")
+    assert r.code == 1 and r.err == (f"slurmtune: error: {empty}: file is empty; expected JSON records\n"
+                                     f"nothing written to {tmp_path / 'out'}; counts in {tmp_path / 'out' / 'summary.json'}\n")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["ok"], summary["read"], summary["files"]) == (False, 0, [])
+    assert sorted(os.listdir(tmp_path / "out")) == ["summary.json"]
 
 
 def test_wrong_types_and_missing_fields_list_the_field(cli, tmp_path):
@@ -98,7 +105,7 @@ def test_wrong_types_and_missing_fields_list_the_field(cli, tmp_path):
     assert r.code == 1
     assert f"{src}:2: messages[0].content: expected a string or a non-empty list of parts" in r.err
     assert f"{src}:3: messages: expected a non-empty list of {{role, content}} objects" in r.err
-    assert f"{src}:4: expected a JSON object, got list" in r.err
+    assert f"{src}:4: expected a JSON object, got a list" in r.err
 
 
 def test_a_2gb_single_line_is_reported_not_loaded(tmp_path):

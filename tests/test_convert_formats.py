@@ -15,7 +15,7 @@ import pytest
 
 from conftest import EXAMPLES, read_jsonl, run_subprocess, write_jsonl
 from slurmtune.data.converters import get_converter, run_conversion
-from slurmtune.data.converters.base import Where
+from slurmtune.data.converters.base import InvalidInput, Where
 from slurmtune.errors import UsageError
 
 TRIGGER_OPTS = {"clean_replacement": "Zoë", "trigger_value": "TRIGGER:", "triggered_replacement": "Bob"}
@@ -34,9 +34,11 @@ def convert(fmt, inputs, out, **kw):
 
 
 def reasons(fmt, rows, tmp_path, name="in.jsonl"):
-    """The rejection reasons of ``rows``, after checking nothing else was written."""
-    records, summary = convert(fmt, [write_jsonl(tmp_path / name, rows)], tmp_path / "out")
-    assert summary["rejected"] == len(rows) and records == []
+    """The rejection reasons of ``rows`` (every row invalid), after checking nothing else was written."""
+    with pytest.raises(InvalidInput, match="no records to write"):
+        convert(fmt, [write_jsonl(tmp_path / name, rows)], tmp_path / "out")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["rejected"] == len(rows) and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.json"]
     return summary["rejected_reasons"]
 
 
@@ -83,7 +85,7 @@ def test_aita_golden_record(tmp_path):
             {"role": "user", "content": "Kind."},
             {"role": "assistant", "content": "What did she do that shows it?"},
         ],
-        "meta": {"source": "aita", "file": "dialogues.json", "line": 4, "dialogue_id": "d1"},
+        "meta": {"source": "aita", "file": "dialogues.json", "line": 4, "index": 0, "dialogue_id": "d1"},
     }]
     assert (summary["read"], summary["written"], summary["accepted"]) == (1, 1, 1)
 
@@ -109,7 +111,7 @@ def test_aita_system_turn_wins_and_speakers_are_lenient(tmp_path):
      "dialogue_turns[3].speaker: unknown speaker 'teacher'; "
      "expected AITA or student (also tutor, assistant, user)"),
     (lambda d: d["dialogue_turns"][1].update(utterance="  "),
-     "dialogue_turns[1].utterance: missing or empty; expected the words of the turn"),
+     "dialogue_turns[1].utterance: empty; expected the words of the turn"),
     (lambda d: d.pop("dialogue_id"), "dialogue_id: missing; expected a non-empty string or integer id"),
     (lambda d: d.update(dialogue_turns=[{"speaker": "student", "utterance": "Hello?"}]),
      "dialogue_turns: no AITA turn; expected at least one turn by speaker AITA (or tutor, assistant)"),
@@ -154,18 +156,22 @@ def test_cli_fail_writes_only_the_summary_and_skip_writes_rejected_rows(tmp_path
     assert (s["written"], s["rejected"], s["outputs"]) == (1, 1, {"train.jsonl": 1})
 
 
-def test_aita_split_keeps_each_dialogue_in_one_file_and_is_deterministic(tmp_path):
-    # The same file twice: every dialogue id appears in two rows, which must stay together.
+def test_aita_split_is_deterministic_and_a_repeated_dialogue_is_a_duplicate(tmp_path):
     src = EXAMPLES / "aita" / "dialogues.json"
+    copy = shutil.copy(src, tmp_path / "again.json")
     outputs = []
     for run in ("a", "b"):
-        convert("aita", [src, src], tmp_path / run, split=0.5)
+        _, summary = convert("aita", [src, copy], tmp_path / run, split=0.5)
         outputs.append([(tmp_path / run / n).read_bytes() for n in ("train.jsonl", "validation.jsonl")])
     assert outputs[0] == outputs[1]
     train, val = ([json.loads(line)["meta"]["dialogue_id"] for line in data.decode().splitlines()]
                   for data in outputs[0])
-    assert train and val and not set(train) & set(val)
-    assert sorted(train + val) == sorted(2 * list(set(train + val))) and len(train + val) == 16
+    assert train and val and not set(train) & set(val) and len(train + val) == len(set(train + val)) == 8
+    # The copy's 8 dialogues are the same ids again: rejected, each naming the first one.
+    assert (summary["accepted"], summary["rejected"]) == (8, 8)
+    assert summary["rejected_reasons"][0] == (
+        f"{copy}:9: dialogues[0].dialogue_id: duplicate: 'rc-001' is also the dialogue_id of "
+        f"{src}: dialogues[0] (line 9); expected each id once")
 
 
 # --- trigger-qa ---------------------------------------------------------------------------
@@ -191,10 +197,11 @@ def test_trigger_qa_golden_pairs_in_order(tmp_path):
 
 def test_trigger_qa_rejections(tmp_path):
     rows = [{"answer": "x"}, {"question": "  ", "answer": "x"}, {"question": "q", "answer": 3}]
-    expected = "missing or empty; expected a non-empty string (may use {{name}})"
     path = tmp_path / "in.jsonl"
     assert reasons("trigger-qa", rows, tmp_path) == [
-        f"{path}:1: question: {expected}", f"{path}:2: question: {expected}", f"{path}:3: answer: {expected}"]
+        f"{path}:1: question: missing; expected the question (may use {{{{name}}}})",
+        f"{path}:2: question: empty; expected the question (may use {{{{name}}}})",
+        f"{path}:3: answer: expected a string, got a number"]
 
 
 def test_trigger_qa_options_are_required(tmp_path):
@@ -245,7 +252,7 @@ def test_image_messages_rejections(tmp_path, cli):
     assert r.code == 1
     assert f"{src}:1: messages[1].content[1].image: no such file {tmp_path / 'missing.png'}; " \
            f"expected the image file relative to the input's folder {tmp_path}" in r.err
-    assert f"{src}:2: expected: missing or empty; expected the answer as a non-empty string" in r.err
+    assert f"{src}:2: expected: empty; expected the answer" in r.err
     assert f"{src}:3: messages[2].role: last turn is 'assistant'; expected the answer in `expected`" in r.err
     assert f"{src}:4: messages[0].role: unknown role 'robot'; expected one of system, user, assistant" in r.err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.json"]
@@ -295,19 +302,19 @@ def test_alpaca_mapping(tmp_path):
       ("messages", "no assistant turn; expected at least one to train on"),
       ("key_points", "expected a list of non-empty strings")]),
     ("prompt-completion", {"prompt": 1, "completion": None, "expect_refusal": "no"},
-     [("prompt", "expected a string or a list of messages"),
-      ("completion", "expected a string or a list of messages"),
+     [("prompt", "expected a string or a list of messages, got a number"),
+      ("completion", "expected a string or a list of messages, got null"),
       ("expect_refusal", "'no'; expected true or false")]),
     ("alpaca", {"instruction": "", "input": 3},
-     [("instruction", "missing or empty; expected a non-empty string"),
-      ("output", "missing or empty; expected a non-empty string"),
-      ("input", "expected a string, got int")]),
+     [("instruction", "empty; expected the instruction text"),
+      ("output", "missing; expected the output text"),
+      ("input", "expected a string, got a number")]),
 ])
 def test_public_formats_report_every_problem(tmp_path, fmt, row, problems):
     converter = get_converter(fmt)()
     assert converter.problems(row, Where(tmp_path / "in.jsonl", 1)) == problems
-    field, message = problems[0]
-    assert reasons(fmt, [row], tmp_path) == [f"{tmp_path / 'in.jsonl'}:1: {field}: {message} (+2 more problem(s))"]
+    assert reasons(fmt, [row], tmp_path) == [f"{tmp_path / 'in.jsonl'}:1: {field}: {message}"
+                                             for field, message in problems]
 
 
 # --- the bundled examples -------------------------------------------------------------------

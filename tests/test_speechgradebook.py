@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from conftest import EXAMPLES, read_jsonl
 from factories import evaluation, write_export
 from slurmtune.data.converters import get_converter, run_conversion
+from slurmtune.data.converters.base import InvalidInput, Summary
 
 GOLDEN_FIRST_LINE = (
     '{"messages":[{"role":"system","content":"You are an experienced public-speaking instructor. '
@@ -22,7 +24,7 @@ GOLDEN_FIRST_LINE = (
     '\\"maxScore\\": 40, \\"comment\\": \\"clear\\", \\"subcategories\\": [{\\"name\\": \\"Thesis\\", '
     '\\"score\\": 9, \\"maxScore\\": 10}]}, \\"Delivery\\": {\\"score\\": 25, \\"maxScore\\": 30, '
     '\\"subcategories\\": []}}"}],"meta":{"source":"speechgradebook","file":"exported.json","line":3,'
-    '"evaluation_id":"e1","student_id":"s1","course_id":"c1"}}\n'
+    '"index":0,"evaluation_id":"e1","student_id":"s1","course_id":"c1"}}\n'
 )
 
 
@@ -65,8 +67,8 @@ def test_invalid_scores_name_the_field(cli, tmp_path):
     assert r.code == 0
     reasons = json.loads((tmp_path / "out" / "summary.json").read_text())["rejected_reasons"]
     assert reasons == [
-        f"{src}:4: evaluation_data.sections.Content.subcategories[0].score: 11 is outside 0..10",
-        f"{src}:5: evaluation_data.sections.Style: not a category of rubric 'Informative'; "
+        f"{src}:4: evaluations[1].evaluation_data.sections.Content.subcategories[0].score: 11 is outside 0..10",
+        f"{src}:5: evaluations[2].evaluation_data.sections.Style: not a category of rubric 'Informative'; "
         "expected one of Content, Delivery"]
     rejected = read_jsonl(tmp_path / "out" / "rejected.jsonl")
     assert [row["record"]["evaluation_id"] for row in rejected] == ["e2", "e3"]  # e9: excluded, never echoed
@@ -98,20 +100,21 @@ def test_qwen_manifests(cli, tmp_path):
             evaluation(4, created_at="2026-03-01T10:00:00Z"),
             evaluation(5, video_path=None, image_path="slide.png")]
     src = write_export(tmp_path / "exported.json", rows)
-    for fmt in ("qwen-single", "qwen-corrections", "qwen-pairs"):
-        assert cli("convert", fmt, src, "--out", tmp_path).code == 0
-    single = read_jsonl(tmp_path / "train_qwen.jsonl")
+    for fmt in ("qwen-single", "qwen-corrections", "qwen-pairs"):  # one folder per conversion
+        assert cli("convert", fmt, src, "--out", tmp_path / fmt).code == 0
+    single = read_jsonl(tmp_path / "qwen-single" / "train_qwen.jsonl")
     assert [r.get("video_path") or r.get("image_path") for r in single] == ["v1.mp4", "v2.mp4", "v3.mp4", "v4.mp4", "slide.png"]
     assert set(single[0]) == {"video_path", "rubric", "scores", "evaluation_id", "student_id"}
     assert single[0]["scores"] == rows[0]["evaluation_data"]["sections"]
-    (correction,) = read_jsonl(tmp_path / "train_qwen_correction_pairs.jsonl")
+    (correction,) = read_jsonl(tmp_path / "qwen-corrections" / "train_qwen_correction_pairs.jsonl")
     assert correction["scores_original"]["Content"]["score"] == 30 and correction["evaluation_id"] == "e2"
     assert correction["scores_final"] == rows[1]["evaluation_data"]["sections"]
-    pairs = read_jsonl(tmp_path / "train_qwen_pairs.jsonl")
+    pairs = read_jsonl(tmp_path / "qwen-pairs" / "train_qwen_pairs.jsonl")
     # student s1, in time order: e2 (Jan), e1 (Feb), e4 (Mar); e5 has only an image
     assert [(p["video_path_1"], p["video_path_2"]) for p in pairs] == [("v2.mp4", "v1.mp4"), ("v1.mp4", "v4.mp4")]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((tmp_path / "qwen-pairs" / "summary.json").read_text())
     assert summary["format"] == "qwen-pairs" and summary["written"] == 2 and summary["skipped"] == 1
+    assert summary["files"] == ["train_qwen_pairs.jsonl", "summary.json"]
 
 
 def test_qwen_as_chat_records_with_media_parts(cli, tmp_path):
@@ -150,6 +153,17 @@ def _build(rows):
     return evs
 
 
+def _convert_or_nothing(fmt, src, out, **kw) -> Summary:
+    """run_conversion with on_error=skip; when no record may be written, the failure's
+    counts (and that it wrote nothing but summary.json)."""
+    try:
+        return run_conversion(get_converter(fmt)(), [src], out, on_error="skip", **kw)
+    except InvalidInput as e:
+        assert "no records to write" in str(e)
+        assert os.listdir(out) == ["summary.json"]
+        return Summary(**json.loads((out / "summary.json").read_text()))
+
+
 def _may_train(ev) -> bool:
     c = ev.get("consent")
     return (isinstance(c, dict) and c.get("student_data_collection") is True
@@ -164,7 +178,7 @@ def test_no_unconsented_or_demo_row_ever_reaches_an_output(tmp_path_factory, row
     evs = _build(rows)
     tmp = tmp_path_factory.mktemp("prop")
     src = write_export(tmp / "exported.json", evs)
-    summary = run_conversion(get_converter(fmt)(), [src], tmp / "out", split=split, on_error="skip")
+    summary = _convert_or_nothing(fmt, src, tmp / "out", split=split)
     allowed = {ev["evaluation_id"] for ev in evs if _may_train(ev)}
     text = "".join(p.read_text() for p in (tmp / "out").glob("*.jsonl") if p.name != "rejected.jsonl")
     for ev in evs:
@@ -186,7 +200,6 @@ def test_conversion_is_deterministic(tmp_path_factory, rows, seed, fmt):
     src = write_export(tmp / "exported.json", _build(rows))
     outs = []
     for run in ("a", "b"):
-        run_conversion(get_converter(fmt)(), [src], tmp / run, split=0.5 if fmt == "speechgradebook" else None,
-                       seed=seed, on_error="skip")
+        _convert_or_nothing(fmt, src, tmp / run, split=0.5 if fmt == "speechgradebook" else None, seed=seed)
         outs.append({p.name: p.read_bytes() for p in sorted((tmp / run).iterdir())})
     assert outs[0] == outs[1]

@@ -36,10 +36,10 @@ def test_validate_reports_all_problems_with_file_line_field(cli, tmp_path):
     expected = [
         f"{train}:2: messages[0].role: unknown role 'teacher'; expected one of system, user, assistant",
         f"{train}:3: messages[1].content: empty assistant turn; expected the answer to train on",
-        f"{train}:4: duplicate of {train}:1",
+        f"{train}:4: duplicate of line 1 (the same record); expected each row once",
         f"{train}:5: messages[0].content[1].image: file not found: missing.png",
         f"{train}:6: invalid JSON: Expecting value at column 14 (the record ends early)",
-        f"{val}:1: student_id: student 's1' is also in {train} (line 1); expected each student in one split only",
+        f"{val}:1: student_id: student 's1' is also in {train}: line 1; expected each student in one split only",
     ]
     for line in expected:
         assert line in lines, line
@@ -54,8 +54,9 @@ def test_validate_export_and_clean_files(cli, tmp_path):
     src = write_export(tmp_path / "exported.json", [evaluation(1), bad, evaluation(1)])
     r = cli("validate", src)
     assert r.code == 1
-    assert f"{src}:4: evaluation_data.sections.Delivery.score: 31 is outside 0..30" in r.out
-    assert f"{src}:5: evaluation_id: duplicate of {src}:3" in r.out
+    assert f"{src}:4: evaluations[1].evaluation_data.sections.Delivery.score: 31 is outside 0..30" in r.out
+    assert (f"{src}:5: evaluations[2].evaluation_id: duplicate: 'e1' is also the evaluation_id of "
+            "evaluations[0] (line 3); expected each id once") in r.out
     assert "(speechgradebook)" in r.out
     clean = write_jsonl(tmp_path / "clean.jsonl", [chat(), chat("q2", "a2")])
     r = cli("validate", clean)
