@@ -635,10 +635,19 @@ def format_step(logs: dict, step: int, max_steps: int, tokens_per_s: float | Non
     return "  ".join(parts)
 
 
+def _fault_step_pause_s() -> float:
+    """Fault injection for the time-limit test: SLURMTUNE_FAULT_STEP_PAUSE_S holds every step of
+    a job's first attempt that long, so it outlasts its limit on any machine. Unset in real runs."""
+    if int(os.environ.get("SLURM_RESTART_COUNT") or 0):
+        return 0.0
+    return float(os.environ.get("SLURMTUNE_FAULT_STEP_PAUSE_S") or 0)
+
+
 def _callbacks(stop: StopRequest, log: TrainingLog) -> list:
     """Our TrainerCallbacks. Long because both classes close over ``stop`` and ``log`` and are
     defined here, in a function, so that importing this module does not import transformers."""
     from transformers import TrainerCallback
+    pause_s = _fault_step_pause_s()
 
     class StopOnRequest(TrainerCallback):
         """After the optimizer step during which a stop was requested: save that step, stop."""
@@ -646,6 +655,8 @@ def _callbacks(stop: StopRequest, log: TrainingLog) -> list:
         trainer = None
 
         def on_step_end(self, args, state, control, **kwargs):
+            if pause_s:
+                time.sleep(pause_s)
             if args.world_size > 1 and _any_rank(stop.requested, args.device):
                 stop.set(stop.reason or "stop requested on another rank")
             if stop.requested:
