@@ -61,6 +61,9 @@ class ClusterProfile:
     shared_prefixes: list[str] = field_([], "paths visible from every node")
     require_shared_paths: bool = field_(False, "refuse model and data paths outside shared_prefixes")
     python: str | None = field_(None, "python on the nodes; null: the one submitting")
+    run_group: str | None = field_(None, "group that may read run folders (0750, setgid); null: owner "
+                                         "only (0700). Never group-writable: jobs refuse to start from a "
+                                         "folder others can write into")
 
     def problems(self) -> list[str]:
         found = []

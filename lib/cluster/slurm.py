@@ -150,20 +150,66 @@ def make_executor(kind: str, folder: Path, profile: ClusterProfile, req: Request
     if profile.python:
         options["slurm_python"] = profile.python
     ex = submitit.AutoExecutor(folder=folder, cluster=kind, **(options if kind == "slurm" else {}))
-    ex.update_parameters(**_parameters(kind, profile, req, list(after)))
+    params = _parameters(kind, profile, req, list(after))
+    params["slurm_setup"] = [*private_folder_check(folder), *params["slurm_setup"]]
+    ex.update_parameters(**params)
     return ex
+
+
+# Files a job writes are never group- or other-writable: its requeue pickle included, which
+# the next attempt's check would otherwise refuse (srun hands the umask on to the tasks).
+JOB_UMASK = 0o027
+
+
+def private_folder_check(folder: Path) -> list[str]:
+    """Shell lines that stop a job before submitit unpickles ``folder/*_submitted.pkl`` when
+    the run folder, ``folder`` or a pickle there is writable by group or others, or is not
+    the job owner's: whoever can write there would run code as the job's owner."""
+    run_dir, slurm_dir = shlex.quote(str(folder.parent)), shlex.quote(str(folder))
+    return [
+        f"umask {JOB_UMASK:03o}",
+        # The paths reach the message only as "$d" / "$f": expanded, never evaluated again.
+        f"d={run_dir}; s={slurm_dir}; "
+        'for f in "$d" "$s" "$s"/*_submitted.pkl; do [ -e "$f" ] || continue; '
+        'if [ -n "$(find "$f" -maxdepth 0 \\( -perm /022 -o ! -user "$(id -u)" \\) -print)" ]; then '
+        'echo "slurmtune: refusing to start: $f is writable by others or not yours; whoever can write '
+        'there runs code as you (fix: chmod -R go-w $d, or start a new run)" >&2; exit 1; fi; done',
+    ]
+
+
+def folder_problems(*paths: Path) -> list[str]:
+    """What the job-start check would refuse, checked in Python (the local executor, resubmission)."""
+    found = []
+    for path in [*paths, *(p for folder in paths[1:] if folder.is_dir() for p in sorted(folder.glob("*_submitted.pkl")))]:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_uid != os.getuid():
+            found.append(f"{path} belongs to another user (uid {st.st_uid}); whoever can write there runs code as you")
+        elif st.st_mode & 0o022:
+            found.append(f"{path} is writable by group or others (mode {st.st_mode & 0o7777:04o}); "
+                         "whoever can write there runs code as you")
+    return found
 
 
 def submit(kind: str, folder: Path, profile: ClusterProfile, req: Request, fn: Callable,
            after: list[str] = (), items: list | None = None) -> Submitted:
     """Submit ``fn()`` (or ``fn(item)`` for each of ``items`` as one array job)."""
+    problems = folder_problems(folder.parent, folder)
+    if problems:
+        raise UsageError(f"{problems[0]}; fix: chmod -R go-w {folder.parent} (or start a new run)")
     ex = make_executor(kind, folder, profile, req, after)
-    if items is not None and kind == "slurm":
-        jobs = _retrying(lambda: ex.map_array(fn, items))
-    elif items is not None:
-        jobs = [ex.submit(fn, item) for item in items]
-    else:
-        jobs = [_retrying(lambda: ex.submit(fn))]
+    umask = os.umask(JOB_UMASK)  # the pickles; a local job's process inherits it
+    try:
+        if items is not None and kind == "slurm":
+            jobs = _retrying(lambda: ex.map_array(fn, items))
+        elif items is not None:
+            jobs = [ex.submit(fn, item) for item in items]
+        else:
+            jobs = [_retrying(lambda: ex.submit(fn))]
+    finally:
+        os.umask(umask)
     ids = [str(j.job_id) for j in jobs]
     if kind == "slurm" and items is not None:
         ids = sorted({i.split("_")[0] for i in ids})
@@ -336,9 +382,13 @@ class Partition:
 
 
 def partitions() -> dict[str, Partition]:
-    result = _run(["scontrol", "show", "partition", "-o"])
+    cmd = ["scontrol", "show", "partition", "-o"]
+    try:
+        result = _run(cmd)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SchedulerError(_unreachable(cmd, str(e))) from None
     if result.returncode != 0:
-        raise SchedulerError(result.stderr.strip() or "scontrol show partition failed")
+        raise SchedulerError(_unreachable(cmd, result.stderr))
     gpus = _gpus_per_node()
     found = {}
     for line in result.stdout.splitlines():
@@ -351,6 +401,17 @@ def partitions() -> dict[str, Partition]:
                                 max((gpus.get(n, 0) for n in nodes), default=0), f.get("State", "UP"),
                                 f.get("Default") == "YES")
     return found
+
+
+def _unreachable(cmd: list[str], error: str) -> str:
+    """One line for a controller that does not answer (scontrol prints resolver noise)."""
+    lines = [re.sub(r"^\w+: error: ", "", line.strip()) for line in error.splitlines() if line.strip()]
+    # scontrol retries the resolver a dozen times before the line that says what failed
+    said = next((line for pattern in (r"Unable to (resolve|contact)", r"Unable|refused|timed out")
+                 for line in lines if re.search(pattern, line)), lines[-1] if lines else "no answer")
+    conf = os.environ.get("SLURM_CONF", "the default slurm.conf")
+    return (f"the SLURM controller did not answer `{' '.join(cmd)}` ({said[:160]}); check it is up and that "
+            f"{conf} names it (run from a login node), or use --executor local")
 
 
 def _gpus_per_node() -> dict[str, int]:
