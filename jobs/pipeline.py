@@ -22,7 +22,7 @@ from slurmtune.errors import UsageError
 from slurmtune.train.distributed import world_size
 from slurmtune.data.jsonio import write_json_atomic
 from slurmtune.cluster.profiles import ClusterProfile
-from slurmtune.runs.folder import Run, Step, has_eval
+from slurmtune.runs.folder import Run, Step, group_id, has_eval, make_private_dir
 from slurmtune.runs.sweep import Trial, expand, load_trials, trial_dir
 from slurmtune.cluster.slurm import Request, render_script, submit
 
@@ -180,11 +180,12 @@ def _submit_in_one_job(run, plan, jobs, executor, profile, dry_run, echo) -> Run
 
 
 def create_sweep(cfg: RunConfig, trials: list[Trial], executor: str, cluster: str | None,
-                 dry_run: bool) -> Run:
+                 dry_run: bool, group: str | None = None) -> Run:
     """The sweep folder with one run folder per trial (from plan_sweep); nothing submitted yet."""
-    run = Run.create(cfg, executor, cluster, dry_run)
+    run = Run.create(cfg, executor, cluster, dry_run, group)
+    make_private_dir(run.dir / "trials", group_id(group))
     for trial in trials:
-        Run.create_at(trial_dir(run.dir, trial), trial.config, executor, cluster, dry_run)
+        Run.create_at(trial_dir(run.dir, trial), trial.config, executor, cluster, dry_run, group)
     write_json_atomic(run.dir / "sweep.json", {
         "metric": cfg.sweep.metric, "mode": cfg.sweep.mode,
         "trials": [t.to_json() for t in trials], "arrays": []})

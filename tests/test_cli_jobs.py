@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from conftest import write_jsonl
-from slurmtune.runs.folder import Run
+from slurmtune.runs.folder import Run, recent_runs
 
 
 def _manifest(tmp_path):
@@ -36,7 +36,7 @@ def test_overrides_after_flags_and_preflight_on_the_login_node(cli, tmp_path):
     r = cli("run", m, "--executor", "local", "--dry-run", "train.lr=3e-4", "lora.r=4")
     assert r.code == 0, r.err
     assert "tokens trained" in r.err and "in the first 6 rows" in r.err
-    saved = yaml.safe_load((Run.open(None, tmp_path / "runs").dir / "manifest.yaml").read_text())
+    saved = yaml.safe_load((recent_runs(tmp_path / "runs")[0].dir / "manifest.yaml").read_text())
     assert saved["train"]["lr"] == 3e-4 and saved["lora"]["r"] == 4
     assert "notice: train.packing" not in r.err
     r = cli("run", m, "--executor", "local", "--dry-run", "train.packing=true")
@@ -53,6 +53,6 @@ def test_unknown_job_and_existing_run_overrides_are_usage_errors(cli, tmp_path):
     m = _manifest(tmp_path)
     assert cli("submit", "nope", m).code == 2
     assert cli("run", m, "--executor", "local", "--dry-run").code == 0
-    run = Run.open(None, tmp_path / "runs")
+    run = recent_runs(tmp_path / "runs")[0]
     r = cli("submit", "train", run.dir, "train.lr=1")
     assert r.code == 2 and "an existing run keeps its manifest" in r.err

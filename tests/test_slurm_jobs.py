@@ -16,7 +16,7 @@ import pytest
 from conftest import EXAMPLES, REPO, write_jsonl
 from slurm_cluster import wait_for_state
 from slurmtune.cluster.profiles import load_profile
-from slurmtune.runs.folder import Run
+from slurmtune.runs.folder import Run, recent_runs
 from slurmtune.cluster.slurm import Request, render_script
 
 pytestmark = pytest.mark.slurm
@@ -47,7 +47,8 @@ slurm:
 
 
 def newest_run(runs_dir) -> Run:
-    return Run.open(None, runs_dir)
+    """The newest run folder, dry runs included (Run.open(None) never picks those)."""
+    return recent_runs(runs_dir)[0]
 
 
 def wait_run(cli, run: Run, timeout_s=120, done=("COMPLETED", "FAILED")) -> dict:

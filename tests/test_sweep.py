@@ -17,7 +17,7 @@ import yaml
 from conftest import write_jsonl
 from slurm_cluster import wait_for_state
 from slurmtune.config import SweepConfig, load_manifest
-from slurmtune.runs.folder import Run
+from slurmtune.runs.folder import Run, recent_runs
 from slurmtune.runs.sweep import expand, trial_id
 
 
@@ -238,7 +238,7 @@ def test_more_trials_than_max_array_size_are_split(slurm_cluster, cli, tmp_path)
     m = _manifest(tmp_path, "  grid: {train.seed: [" + ", ".join(str(i) for i in range(1200)) + "]}")
     r = cli("sweep", m, "--cluster", "local-test", "--dry-run")
     assert r.code == 0, r.err
-    run = Run.open(None, tmp_path / "runs")
+    (run,) = recent_runs(tmp_path / "runs")
     arrays = [s for s in run.record.steps if s.kind == "trial"]
     assert [(a.name, a.array_size) for a in arrays] == [("trials-0", 1001), ("trials-1", 199)]
     scripts = [Path(a.script).read_text() for a in arrays]

@@ -17,7 +17,7 @@ from slurmtune.cli.status import Follower, add_root_flag
 from slurmtune.cluster.profiles import ClusterProfile, load_profile
 from slurmtune.config import RunConfig, load_manifest
 from slurmtune.errors import UsageError
-from slurmtune.runs.folder import Run
+from slurmtune.runs.folder import Run, discarded_if_unsubmitted
 
 
 def add_commands(sub, argv: list[str]) -> None:
@@ -86,9 +86,13 @@ def _launch(cfg: RunConfig, only: str | None, args, existing: Run | None = None)
     for step in plan:
         step.request.hold = args.hold
     _check(cfg, plan, profile, executor, only=only, existing=existing)
-    run = existing or Run.create(cfg, executor, profile.name if executor == "slurm" else None, args.dry_run)
+    if existing is not None and not args.dry_run:
+        existing.record.dry_run = False  # a dry run submitted for real is a run like any other
+    run = existing or Run.create(cfg, executor, profile.name if executor == "slurm" else None, args.dry_run,
+                                 group=profile.run_group)
     print(f"run {run.run_id}\n  {run.dir}")
-    submit_run(run, plan, executor, profile, dry_run=args.dry_run)
+    with discarded_if_unsubmitted(run, existing is None):
+        submit_run(run, plan, executor, profile, dry_run=args.dry_run)
     return _after_submit(run, executor, args, f"slurmtune status {run.run_id}")
 
 
@@ -195,6 +199,7 @@ def _sweep(args) -> int:
         return 0
     print(f"resubmitting {len(indices)} trial(s): {', '.join(rows[i]['trial'] for i in indices)}")
     profile = _profile_of(run)
+    run.record.dry_run = False  # a dry sweep resubmitted is submitted for real
     submit_trials(run, indices, run.record.executor, profile, _max_array(run.record.executor, profile),
                   hold=args.hold)
     return 0 if run.record.executor == "slurm" else _wait_local(run)
@@ -206,10 +211,12 @@ def _sweep_submit(args) -> int:
     executor, profile = _where(cfg, args)
     trials, plan = plan_sweep(cfg, Path(args.target).resolve().parent)
     _check(cfg, plan, profile, executor, trials=trials)
-    run = create_sweep(cfg, trials, executor, profile.name if executor == "slurm" else None, args.dry_run)
+    run = create_sweep(cfg, trials, executor, profile.name if executor == "slurm" else None, args.dry_run,
+                       group=profile.run_group)
     print(f"sweep {run.run_id}: {len(trials)} trials\n  {run.dir}")
-    submit_trials(run, list(range(len(trials))), executor, profile, _max_array(executor, profile),
-                  dry_run=args.dry_run, hold=args.hold)
+    with discarded_if_unsubmitted(run):
+        submit_trials(run, list(range(len(trials))), executor, profile, _max_array(executor, profile),
+                      dry_run=args.dry_run, hold=args.hold)
     return _after_submit(run, executor, args, f"slurmtune sweep status {run.run_id}")
 
 

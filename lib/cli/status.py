@@ -52,6 +52,8 @@ def _add_logs(sub) -> None:
 def _logs(args) -> int:
     from slurmtune.runs.status import ACTIVE, run_status
     run = Run.open(args.run, args.root)
+    if args.step is not None:
+        run.step(args.step)  # an unknown step is a usage error naming the steps there are
     follower = Follower(run, args.step)
     follower.print_new()
     while args.follow:

@@ -11,18 +11,28 @@
 
 ``run.json`` is written by the submitting command, ``status/*.json`` by the
 jobs; neither is ever written half (temporary name, then rename).
+
+A run folder is its owner's only (0700): submitit unpickles ``slurm/*_submitted.pkl``
+when a job starts, so whoever can write there runs code as the job's owner. A
+cluster profile's ``run_group`` opens it to one group, read-only (0750, setgid so
+what the jobs create stays in the group). Every job checks this again before it
+starts (``cluster/slurm.py``: ``private_folder_check``).
 """
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import secrets
+import shutil
 import socket
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from slurmtune.config import RunConfig, from_dict
 from slurmtune.schema import to_yaml
@@ -51,6 +61,7 @@ class RunRecord:
     steps: list[Step] = field(default_factory=list)
     dry_run: bool = False
     cancelled: bool = False
+    created_at: float = 0.0  # seconds since the epoch; orders runs (0: a folder from before it)
 
 
 class Run:
@@ -63,20 +74,24 @@ class Run:
     # --- creation and lookup ----------------------------------------------------------
 
     @classmethod
-    def create(cls, cfg: RunConfig, executor: str, cluster: str | None, dry_run: bool = False) -> "Run":
+    def create(cls, cfg: RunConfig, executor: str, cluster: str | None, dry_run: bool = False,
+               group: str | None = None) -> "Run":
         run_id = f"{safe_name(cfg.name)}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-        return cls.create_at(Path(cfg.output_dir).resolve() / run_id, cfg, executor, cluster, dry_run)
+        return cls.create_at(Path(cfg.output_dir).resolve() / run_id, cfg, executor, cluster, dry_run, group)
 
     @classmethod
     def create_at(cls, directory: Path, cfg: RunConfig, executor: str, cluster: str | None,
-                  dry_run: bool = False) -> "Run":
-        """A run folder at ``directory`` (a sweep's trials live in ``<sweep>/trials/<id>/``)."""
+                  dry_run: bool = False, group: str | None = None) -> "Run":
+        """A run folder at ``directory`` (a sweep's trials live in ``<sweep>/trials/<id>/``),
+        owner-only, or readable by ``group``."""
         check_safe_path(directory, "run folder")
-        for sub in ("slurm", "status"):
-            (directory / sub).mkdir(parents=True, exist_ok=True)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        gid = group_id(group)
+        for folder in (directory, directory / "slurm", directory / "status"):
+            make_private_dir(folder, gid)
         (directory / "manifest.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         record = RunRecord(directory.name, time.strftime("%Y-%m-%dT%H:%M:%S%z"), executor, cluster,
-                           socket.gethostname(), dry_run=dry_run)
+                           socket.gethostname(), dry_run=dry_run, created_at=time.time())
         run = cls(directory, record)
         run.save()
         return run
@@ -86,18 +101,24 @@ class Run:
         """A run by folder path, by id under ``root``, or the newest one when ``ref`` is None."""
         root = Path(root)
         if ref is None:
-            candidates = sorted(root.glob("*/run.json"), key=lambda p: p.stat().st_mtime)
-            if not candidates:
-                raise UsageError(f"no runs under {root.resolve()}; submit one with `slurmtune run MANIFEST`")
-            directory = candidates[-1].parent
-        else:
-            directory = Path(ref) if (Path(ref) / "run.json").is_file() else root / ref
+            return cls._newest(root)
+        directory = Path(ref) if (Path(ref) / "run.json").is_file() else root / ref
         if not (directory / "run.json").is_file():
-            known = ", ".join(p.parent.name for p in sorted(root.glob("*/run.json"))[-5:])
+            known = ", ".join(r.run_id for r in recent_runs(root)[:5])
             raise UsageError(f"no run {ref!r} under {root.resolve()}" + (f"; recent: {known}" if known else ""))
-        data = json.loads((directory / "run.json").read_text(encoding="utf-8"))
-        data["steps"] = [Step(**s) for s in data.get("steps", [])]
-        return cls(directory.resolve(), RunRecord(**data))
+        return cls(directory.resolve(), _read_record(directory))
+
+    @classmethod
+    def _newest(cls, root: Path) -> "Run":
+        """The newest run that was submitted: a dry run only wrote scripts, it is never "the" run."""
+        runs = recent_runs(root)
+        submitted = [r for r in runs if not r.record.dry_run]
+        if submitted:
+            return submitted[0]
+        if runs:
+            raise UsageError(f"no submitted runs under {root.resolve()}, only dry runs (newest: "
+                             f"{runs[0].run_id}); name one, or submit without --dry-run")
+        raise UsageError(f"no runs under {root.resolve()}; submit one with `slurmtune run MANIFEST`")
 
     # --- contents ---------------------------------------------------------------------
 
@@ -141,6 +162,55 @@ class Run:
             return json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             return {}
+
+
+def recent_runs(root: str | os.PathLike) -> list[Run]:
+    """The run folders under ``root``, newest first by the time they were created."""
+    runs = []
+    for path in Path(root).glob("*/run.json"):
+        try:
+            runs.append(Run(path.parent.resolve(), _read_record(path.parent)))
+        except (OSError, ValueError, TypeError):
+            continue  # not a run folder of ours (or half-copied): never listed
+    return sorted(runs, key=lambda r: r.record.created_at or (r.dir / "run.json").stat().st_mtime, reverse=True)
+
+
+def _read_record(directory: Path) -> RunRecord:
+    data = json.loads((directory / "run.json").read_text(encoding="utf-8"))
+    data["steps"] = [Step(**s) for s in data.get("steps", [])]
+    return RunRecord(**data)
+
+
+def group_id(group: str | None) -> int | None:
+    """The id of the cluster profile's ``run_group``; one line if this machine has no such group."""
+    if group is None:
+        return None
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise UsageError(f"run_group {group!r}: no such group on this machine; expected one of "
+                         "the groups `id -Gn` lists, or no run_group (owner-only run folders)") from None
+
+
+def make_private_dir(folder: Path, gid: int | None = None) -> None:
+    """``folder`` as the owner's only (0700), or readable by group ``gid`` (0750 + setgid)."""
+    folder.mkdir(exist_ok=True)
+    if gid is not None:
+        os.chown(folder, -1, gid)
+    os.chmod(folder, 0o2750 if gid is not None else 0o700)  # explicit: the umask may allow more
+
+
+@contextmanager
+def discarded_if_unsubmitted(run: Run, new: bool = True) -> Iterator[None]:
+    """Remove a new run folder when its submission fails before any job was queued: a run
+    that never ran leaves nothing behind (it would read PENDING for ever)."""
+    try:
+        yield
+    except BaseException:
+        if new and not any(step.job_ids for step in run.record.steps) and not run.record.dry_run:
+            shutil.rmtree(run.dir, ignore_errors=True)
+            print(f"nothing was queued; removed {run.dir}", file=sys.stderr)
+        raise
 
 
 def report_status(run_dir: str | os.PathLike, step: str, state: str, **fields: Any) -> None:

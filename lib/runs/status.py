@@ -24,6 +24,7 @@ from slurmtune.runs.folder import Run, Step
 DONE = {"COMPLETED"}
 FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
           "PREEMPTED", "LOST", "STOPPED"}
+DRY_RUN = "DRY-RUN"  # `--dry-run`: scripts written, nothing submitted
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
           "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
 
@@ -43,7 +44,10 @@ class StepStatus:
 def run_status(run: Run, scheduler_states=None) -> list[StepStatus]:
     """Status of every step; ``scheduler_states`` is slurm.job_states (injected for tests)."""
     steps = run.record.steps
-    if run.record.executor == "slurm" and not run.record.dry_run:
+    if run.record.dry_run:  # only scripts were written: nothing is queued, nothing will run
+        return [StepStatus(s.name, DRY_RUN, [], tasks=f"{s.array_size} tasks" if s.array_size else "")
+                for s in steps]
+    if run.record.executor == "slurm":
         if scheduler_states is None:
             from slurmtune.cluster.slurm import job_states as scheduler_states
         states = scheduler_states([j for s in steps for j in s.job_ids])
@@ -163,6 +167,8 @@ def _last_error_line(log: str | None) -> str | None:
 
 def overall(rows: list[StepStatus]) -> str:
     states = [r.state for r in rows]
+    if states and all(s == DRY_RUN for s in states):
+        return DRY_RUN
     if any(s in FAILED for s in states):
         return "FAILED"
     if states and all(s in DONE for s in states):

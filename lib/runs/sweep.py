@@ -215,7 +215,7 @@ def trial_finished(folder: Path, cfg: RunConfig) -> bool:
 
 
 RERUN = {"FAILED", "TIMEOUT", "PREEMPTED", "CANCELLED", "LOST", "NODE_FAIL", "OUT_OF_MEMORY",
-         "BOOT_FAIL", "DEADLINE", "NOT STARTED", "STOPPED"}
+         "BOOT_FAIL", "DEADLINE", "NOT STARTED", "STOPPED", "DRY-RUN"}
 
 
 def sweep_status(run: Run, query_scheduler: bool = True) -> list[dict]:
@@ -237,7 +237,8 @@ def sweep_status(run: Run, query_scheduler: bool = True) -> list[dict]:
 def _trial_row(run: Run, data: dict, trial: Trial, where, states: dict | None) -> dict:
     folder = trial_dir(run.dir, trial)
     own = run.job_status(f"trial.{trial.id}")
-    row = {"trial": trial.id, "overrides": trial.overrides, "state": "NOT STARTED", "restarts": 0,
+    row = {"trial": trial.id, "overrides": trial.overrides,
+           "state": "DRY-RUN" if run.record.dry_run else "NOT STARTED", "restarts": 0,
            "step": _last_step(folder), "elapsed_s": 0, "metric": trial_metric(folder, data["metric"])}
     if where is None:
         return row
