@@ -251,7 +251,7 @@ def test_status_without_sacct_falls_back_and_reports_lost_jobs(slurm_cluster, cl
     assert status["steps"][0]["state"] == "LOST"
 
 
-def test_a_job_that_reported_itself_is_not_shown_pending_while_accounting_lags(tmp_path, monkeypatch):
+def test_a_job_that_reported_itself_is_not_shown_pending_or_running_while_accounting_lags(tmp_path, monkeypatch):
     """sacct learns of a job's start and end a moment after the job; the job's own report wins
     then, but only its own: a resubmitted step's new job is not mistaken for the old one."""
     from slurmtune.config import RunConfig
@@ -265,5 +265,8 @@ def test_a_job_that_reported_itself_is_not_shown_pending_while_accounting_lags(t
     pending = lambda ids: {i: JobState(i, "PENDING") for i in ids}  # noqa: E731
     row = run_status(run, scheduler_states=pending)[0]
     assert (row.state, row.error) == ("FAILED", "data.jsonl:1: messages: no assistant turn")
+    running = lambda ids: {i: JobState(i, "RUNNING") for i in ids}  # noqa: E731
+    assert run_status(run, scheduler_states=running)[0].state == "FAILED"  # the end not yet recorded
     run.record.steps[0].job_ids = ["102"]  # resubmitted: the report is the old job's
     assert run_status(run, scheduler_states=pending)[0].state == "PENDING"
+    assert run_status(run, scheduler_states=running)[0].state == "RUNNING"

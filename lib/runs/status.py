@@ -79,8 +79,9 @@ def _slurm_step(run: Run, step: Step, states: dict) -> StepStatus:
     else:
         state = next((n for n in names if n in ACTIVE), names[0])
     own = run.job_status(step.name)
-    if state in ("PENDING", "LOST") and not step.array_size and step.job_ids == [own.get("job_id")] \
-            and own.get("state") in ("RUNNING", "COMPLETED", "FAILED"):
+    if not step.array_size and step.job_ids == [own.get("job_id")] and (
+            state in ("PENDING", "LOST") and own.get("state") in ("RUNNING", "COMPLETED", "FAILED")
+            or state in ("RUNNING", "COMPLETING") and own.get("state") in ("COMPLETED", "FAILED")):
         state = own["state"]  # this job has reported itself; accounting has not caught up yet
     row = StepStatus(step.name, state, step.job_ids, max((t.elapsed_s for t in tasks), default=0),
                      sum(t.restarts for t in tasks))
