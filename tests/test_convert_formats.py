@@ -254,7 +254,7 @@ def test_image_messages_rejections(tmp_path, cli):
            f"expected the image file relative to the input's folder {tmp_path}" in r.err
     assert f"{src}:2: expected: empty; expected the answer" in r.err
     assert f"{src}:3: messages[2].role: last turn is 'assistant'; expected the answer in `expected`" in r.err
-    assert f"{src}:4: messages[0].role: unknown role 'robot'; expected one of system, user, assistant" in r.err
+    assert f"{src}:4: messages[0].role: unknown role 'robot'; expected one of system, user, assistant, tool" in r.err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.json"]
 
 
@@ -298,7 +298,7 @@ def test_alpaca_mapping(tmp_path):
 @pytest.mark.parametrize("fmt, row, problems", [
     ("chat", {"messages": [{"role": "bot", "content": "hi"}, {"role": "user", "content": ""}],
               "key_points": "one"},
-     [("messages[0].role", "unknown role 'bot'; expected one of system, user, assistant"),
+     [("messages[0].role", "unknown role 'bot'; expected one of system, user, assistant, tool"),
       ("messages", "no assistant turn; expected at least one to train on"),
       ("key_points", "expected a list of non-empty strings")]),
     ("prompt-completion", {"prompt": 1, "completion": None, "expect_refusal": "no"},
@@ -326,6 +326,7 @@ EXAMPLE_FILES = [
     ("image-messages", "docvqa/test.jsonl", 2),
     ("chat", "course_assistant/style_sft.jsonl", 12),
     ("chat", "course_assistant/style_sft_sample.jsonl", 3),
+    ("chat", "course_assistant/tool_sft.jsonl", 5),
     ("alpaca", "course_assistant/writing_sft.jsonl", 6),
     ("chat", "course_assistant/eval/style_benchmark.jsonl", 6),
     ("chat", "course_assistant/eval/writing_benchmark.jsonl", 4),

@@ -34,7 +34,7 @@ def test_validate_reports_all_problems_with_file_line_field(cli, tmp_path):
     assert r.code == 1
     lines = r.out.splitlines()
     expected = [
-        f"{train}:2: messages[0].role: unknown role 'teacher'; expected one of system, user, assistant",
+        f"{train}:2: messages[0].role: unknown role 'teacher'; expected one of system, user, assistant, tool",
         f"{train}:3: messages[1].content: empty assistant turn; expected the answer to train on",
         f"{train}:4: duplicate of line 1 (the same record); expected each row once",
         f"{train}:5: messages[0].content[1].image: file not found: missing.png",

@@ -46,7 +46,11 @@ def to_template_messages(messages: list[dict], strict: bool = False) -> list[dic
     """String contents; with ``strict``, the shape strict templates (Mistral) demand:
     no system turn (its text opens the first user turn), user first, roles alternating
     (consecutive turns of one role are joined)."""
-    out = [{"role": m["role"], "content": _flatten(m.get("content"))} for m in messages]
+    out = [{"role": m["role"], "content": _flatten(m.get("content")),
+            **({"tool_calls": m["tool_calls"]} if m.get("tool_calls") else {})} for m in messages]
+    if any("tool_calls" in m for m in out):
+        from slurmtune.data.tools import template_messages
+        out = template_messages(out)
     if not strict:
         return out
     system = out.pop(0)["content"] if out and out[0]["role"] == "system" else None
@@ -64,13 +68,16 @@ def to_template_messages(messages: list[dict], strict: bool = False) -> list[dic
     return merged
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    """Token ids of ``messages`` under the tokenizer's template (system folded in if refused)."""
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
+           tools: list[dict] | None = None) -> list[int]:
+    """Token ids of ``messages`` (and the ``tools`` they may call) under the tokenizer's template
+    (system folded in if refused)."""
     last_error = None
     for strict in (False, True):
         msgs = to_template_messages(messages, strict)
         try:
-            ids = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=add_generation_prompt)
+            ids = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                                **({"tools": tools} if tools else {}))
         except Exception as e:  # jinja2 TemplateError from the model's own template
             last_error = e
             continue
@@ -85,8 +92,9 @@ def token_counts(tokenizer, record: dict) -> tuple[int, int]:
     if "messages" in record:
         messages = record["messages"]
         last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
-        prompt = render(tokenizer, messages[:last], add_generation_prompt=True)
-        return len(prompt), len(render(tokenizer, messages))
+        tools = record.get("tools")
+        prompt = render(tokenizer, messages[:last], add_generation_prompt=True, tools=tools)
+        return len(prompt), len(render(tokenizer, messages, tools=tools))
     prompt, completion = record["prompt"], record["completion"]
     if isinstance(prompt, list):
         p_ids = render(tokenizer, prompt, add_generation_prompt=True)

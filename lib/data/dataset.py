@@ -168,7 +168,7 @@ def _read_file(name: str, budget: int | None, problems: list[str]):
 def trainable_body(record: dict) -> dict:
     """Only what trains: eval fields and meta stay out of the dataset (mixed types break Arrow)."""
     if "messages" in record:
-        return {"messages": record["messages"]}
+        return {"messages": record["messages"], **({"tools": record["tools"]} if record.get("tools") else {})}
     return {"prompt": record["prompt"], "completion": record["completion"]}
 
 
@@ -274,8 +274,11 @@ def encode_records(tokenizer, data: TrainRecords, loss_on: str) -> Encoded:
     computed = data.kind == "chat" and loss_on == "assistant" and not has_generation_markers(own_template(tokenizer))
     fit = TemplateFit(tokenizer, computed_masks=computed)
     out, problems = Encoded([]), []
+    if data.kind == "chat":
+        refuse_tools_without_template(tokenizer, data.records)
     for number, record in enumerate(data.records, 1):
-        row = {"messages": fit.messages(record["messages"])} if data.kind == "chat" else fit.prompt_completion(record)
+        row = ({"messages": fit.messages(record["messages"]), "tools": record.get("tools")} if data.kind == "chat"
+               else fit.prompt_completion(record))
         try:
             ids, flags, merged = _encode(tokenizer, row, data.kind, loss_on)
         except TurnNotFound as e:
@@ -301,18 +304,30 @@ def encode(tokenizer, record: dict, kind: str, loss_on: str, max_length: int | N
     return ids, trained
 
 
+def refuse_tools_without_template(tokenizer, records: list[dict]) -> None:
+    """Records with tools need a template that renders them: silently dropping the tools
+    block would train calls of tools the prompt never declares."""
+    from slurmtune.data.tools import TOOL_FAMILIES, template_takes_tools, uses_tools
+    with_tools = sum(1 for r in records if uses_tools(r))
+    if with_tools and not template_takes_tools(own_template(tokenizer)):
+        raise UsageError(f"{with_tools} record(s) use tools, but this model's chat template does not render "
+                         f"a tools list; fix: a model whose template does ({TOOL_FAMILIES}), or "
+                         "model.chat_template=FILE with one that does")
+
+
 def _encode(tokenizer, record: dict, kind: str, loss_on: str) -> tuple[list[int], list[bool], int]:
     if kind == "chat":
-        return _encode_chat(tokenizer, record["messages"], loss_on == "assistant")
+        return _encode_chat(tokenizer, record["messages"], loss_on == "assistant", record.get("tools"))
     return (*_encode_prompt_completion(tokenizer, record, loss_on == "assistant"), 0)
 
 
-def _encode_chat(tokenizer, messages: list[dict], assistant_only: bool):
+def _encode_chat(tokenizer, messages: list[dict], assistant_only: bool, tools: list[dict] | None = None):
+    kwargs = {"tools": tools} if tools else {}
     if assistant_only and not has_generation_markers(own_template(tokenizer)):
-        turn = assistant_mask(tokenizer, messages)
+        turn = assistant_mask(tokenizer, messages, **kwargs)
         return turn.ids, [bool(m) for m in turn.mask], turn.merged
     out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=assistant_only)
+                                        return_assistant_tokens_mask=assistant_only, **kwargs)
     ids = list(out["input_ids"])
     if not assistant_only:
         return ids, [True] * len(ids), 0

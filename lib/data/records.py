@@ -5,7 +5,9 @@ Two shapes, in TRL's vocabulary:
 * conversational: ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...],
   "meta": {...}}`` where ``content`` is a string or a list of parts
   ``{"type": "text", "text": ...}``, ``{"type": "image", "image": PATH}``,
-  ``{"type": "video", "video": PATH}``; the loss falls on assistant turns.
+  ``{"type": "video", "video": PATH}``; the loss falls on assistant turns. With tool use
+  (``data/tools.py``): a record-level ``tools`` list, assistant turns with ``tool_calls``
+  and ``tool`` turns holding their results (never trained).
 * prompt-completion: ``{"prompt": ..., "completion": ..., "meta": {...}}``; the loss
   falls on the completion.
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 PART_TYPES = {"text": "text", "image": "image", "video": "video"}
 
 Problem = tuple[str, str]
@@ -87,6 +89,9 @@ def check_chat(record: dict) -> list[Problem]:
     elif roles[-1] != "assistant":
         problems.append((f"messages[{len(messages) - 1}].role",
                          f"last turn is '{roles[-1]}'; expected the conversation to end with an assistant turn"))
+    from slurmtune.data.tools import tool_problems, uses_tools
+    if uses_tools(record):
+        problems += tool_problems(record)
     problems += _check_meta(record)
     return problems
 
@@ -101,6 +106,8 @@ def check_message(message: Any, where: str, first: bool = False) -> list[Problem
     elif role == "system" and not first:
         problems.append((f"{where}.role", "system turn after the first turn; expected it first"))
     content = message.get("content")
+    if role == "assistant" and message.get("tool_calls"):  # a call: the words are optional
+        return problems + ([] if content in (None, "") else check_content(content, f"{where}.content"))
     problems += check_content(content, f"{where}.content")
     if role == "assistant" and not problems and not content_text(content).strip():
         problems.append((f"{where}.content", "empty assistant turn; expected the answer to train on"))

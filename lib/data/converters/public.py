@@ -80,13 +80,13 @@ class _PublicFormat(Converter):
 
 class Chat(_PublicFormat):
     name = "chat"
-    help = "JSONL {messages: [{role, content}]} (+ eval fields) -> chat records (train.jsonl)"
+    help = "JSONL {messages: [{role, content}], tools?} (+ eval fields) -> chat records (train.jsonl)"
 
     def check(self, row: dict) -> Problems:
         return check_chat(row)
 
     def body(self, row: dict) -> dict:
-        return {"messages": row["messages"]}
+        return {"messages": row["messages"], **({"tools": row["tools"]} if "tools" in row else {})}
 
 
 class PromptCompletion(_PublicFormat):

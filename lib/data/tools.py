@@ -1,0 +1,152 @@
+"""Tool use in chat records: the declared tools, the calls the assistant makes, their results.
+
+::
+
+    {"tools": [{"type": "function", "function": {"name": "check_plagiarism",
+                "description": "...", "parameters": {"type": "object", "properties": {...},
+                                                     "required": ["text"]}}}],
+     "messages": [{"role": "user", "content": "Is this paragraph original? ..."},
+                  {"role": "assistant", "content": "", "tool_calls": [
+                      {"type": "function", "function": {"name": "check_plagiarism",
+                                                        "arguments": {"text": "..."}}}]},
+                  {"role": "tool", "content": "{\\"similarity\\": 0.12}"},
+                  {"role": "assistant", "content": "It is original: 12% overlap, all quotations."}]}
+
+The shape is the one Hugging Face chat templates take (``apply_chat_template(messages,
+tools=...)``): ``arguments`` is an object (a JSON string is accepted and parsed). Every call
+must name a declared tool and its arguments must match that tool's ``parameters`` (JSON
+Schema, checked with the ``jsonschema`` library); every ``tool`` turn must answer a call of
+the assistant turn before it. The loss falls on the assistant's words and calls, never on the
+tool results or the tools block (they are not assistant turns).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from slurmtune.data.records import Problem, json_type
+
+
+def uses_tools(record: dict) -> bool:
+    """Whether a chat record declares tools, makes calls or carries tool results."""
+    messages = record.get("messages") if isinstance(record.get("messages"), list) else []
+    return "tools" in record or any(isinstance(m, dict) and ("tool_calls" in m or m.get("role") == "tool")
+                                    for m in messages)
+
+
+def tool_problems(record: dict) -> list[Problem]:
+    """Every problem of the tools, calls and results of one chat record."""
+    validators, problems = _declared(record.get("tools"), "tools" in record)
+    pending = 0  # calls of the last assistant turn not answered yet
+    for i, message in enumerate(record["messages"]):
+        if not isinstance(message, dict):
+            continue
+        role, at = message.get("role"), f"messages[{i}]"
+        if role == "assistant" and "tool_calls" in message:
+            calls, found = _calls(message["tool_calls"], f"{at}.tool_calls", validators)
+            problems += found
+            pending = calls
+        elif role == "tool":
+            if pending == 0:
+                problems.append((f"{at}.role", "a tool result with no call before it; expected it right "
+                                               "after the assistant turn whose tool_calls it answers"))
+            pending = max(pending - 1, 0)
+        else:
+            pending = 0
+    return problems
+
+
+def _declared(tools: Any, present: bool) -> tuple[dict[str, Any] | None, list[Problem]]:
+    """{tool name: its arguments' validator} and the problems of the tools list (None: no list)."""
+    from jsonschema import Draft202012Validator, SchemaError
+    if not present:
+        return None, []
+    if not isinstance(tools, list) or not tools:
+        return {}, [("tools", "expected a non-empty list of {type: function, function: {name, parameters}}")]
+    validators, problems = {}, []
+    for j, tool in enumerate(tools):
+        at = f"tools[{j}]"
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or not name:
+            problems.append((f"{at}.function.name", "missing; expected the tool's name"))
+            continue
+        schema = fn.get("parameters", {"type": "object"})
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as e:
+            problems.append((f"{at}.function.parameters", f"not a valid JSON Schema ({e.message}); "
+                                                          "expected the arguments' schema"))
+            continue
+        validators[name] = Draft202012Validator(schema)
+    return validators, problems
+
+
+def _calls(calls: Any, at: str, validators: dict[str, Any] | None) -> tuple[int, list[Problem]]:
+    """(number of calls, their problems)."""
+    if not isinstance(calls, list) or not calls:
+        return 0, [(at, "expected a non-empty list of {type: function, function: {name, arguments}}")]
+    problems = []
+    for k, call in enumerate(calls):
+        problems += _call_problems(call, f"{at}[{k}]", validators)
+    return len(calls), problems
+
+
+def _call_problems(call: Any, at: str, validators: dict[str, Any] | None) -> list[Problem]:
+    fn = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(fn, dict):
+        return [(at, "expected {type: function, function: {name, arguments}}")]
+    prefix = f"{at}.function" if "function" in call else at
+    name = fn.get("name")
+    if validators is None:
+        return [(f"{prefix}.name", f"{name!r} is called but the record declares no tools; expected a "
+                                   "record-level tools list with its definition")]
+    if name not in validators:
+        known = ", ".join(sorted(validators)) or "none"
+        return [(f"{prefix}.name", f"{name!r} is not a declared tool; expected one of: {known}")]
+    arguments, problem = parse_arguments(fn.get("arguments", {}))
+    if problem:
+        return [(f"{prefix}.arguments", problem)]
+    return [(f"{prefix}.arguments" + "".join(f".{p}" if isinstance(p, str) else f"[{p}]" for p in e.absolute_path),
+             f"{e.message}; expected the arguments {name!r} declares")
+            for e in sorted(validators[name].iter_errors(arguments), key=lambda e: list(map(str, e.absolute_path)))]
+
+
+def parse_arguments(arguments: Any) -> tuple[dict | None, str | None]:
+    """A call's arguments as an object, or what is wrong with them."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError as e:
+            return None, (f"not JSON ({e.msg.removesuffix(' at')} at column {e.colno}); expected an object "
+                          "of the tool's parameters")
+    if not isinstance(arguments, dict):
+        return None, f"expected an object of the tool's parameters, got {json_type(arguments)}"
+    return arguments, None
+
+
+def template_messages(messages: list[dict]) -> list[dict]:
+    """The calls as chat templates render them: arguments as objects (Qwen's template writes
+    ``arguments | tojson``; a string would be quoted twice)."""
+    out = []
+    for m in messages:
+        if "tool_calls" in m:
+            calls = [_template_call(c) for c in m["tool_calls"]]
+            m = {**m, "tool_calls": calls}
+        out.append(m)
+    return out
+
+
+def _template_call(call: dict) -> dict:
+    fn = call.get("function", call)
+    arguments, _ = parse_arguments(fn.get("arguments", {}))
+    return {"type": "function", "function": {"name": fn["name"], "arguments": arguments or {}}}
+
+
+TOOL_FAMILIES = "Qwen2.5-Instruct (its template declares tools in the system turn)"
+
+
+def template_takes_tools(template: str | None) -> bool:
+    """Whether a chat template renders a ``tools`` list (its source reads the variable)."""
+    return bool(template) and "tools" in template
