@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from slurmtune.data.context import with_context
 from slurmtune.data.records import content_text
 
 
@@ -43,10 +44,11 @@ def _flatten(content: Any) -> str:
 
 
 def to_template_messages(messages: list[dict], strict: bool = False) -> list[dict]:
-    """String contents; with ``strict``, the shape strict templates (Mistral) demand:
+    """String contents (a user turn's passages rendered into it: slurmtune.data.context) and
+    tool calls as templates take them; with ``strict``, the shape strict templates (Mistral) demand:
     no system turn (its text opens the first user turn), user first, roles alternating
     (consecutive turns of one role are joined)."""
-    out = [{"role": m["role"], "content": _flatten(m.get("content")),
+    out = [{"role": m["role"], "content": with_context(_flatten(m.get("content")), m.get("context")),
             **({"tool_calls": m["tool_calls"]} if m.get("tool_calls") else {})} for m in messages]
     if any("tool_calls" in m for m in out):
         from slurmtune.data.tools import template_messages

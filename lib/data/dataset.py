@@ -183,15 +183,18 @@ def _check_prompt_shapes(data: TrainRecords) -> None:
 
 # --- the dataset the trainer reads ------------------------------------------------------
 
-def to_dataset(data: TrainRecords, tokenizer, loss_on: str):
+def to_dataset(data: TrainRecords, tokenizer, loss_on: str, max_length: int | None = None):
     """A ``datasets.Dataset`` the way TRL 1.16's SFTTrainer takes it. Chat rows are tokenized
     here: ``input_ids``, and with ``loss_on="assistant"`` an ``assistant_masks`` column (the
     tokens :func:`count_trained_tokens` counts, one for one). Prompt-completion rows stay
-    ``prompt`` and ``completion``, fitted to the template, for TRL to tokenize."""
+    ``prompt`` and ``completion``, fitted to the template, for TRL to tokenize. With
+    ``max_length``, rows with passages that it would cut are refused (:func:`refuse_cut_passages`)."""
     from datasets import Dataset
 
     if data.kind == "chat":
         encoded = encode_records(tokenizer, data, loss_on)
+        if max_length is not None:
+            refuse_cut_passages(data, encoded, max_length)
         rows = [{"input_ids": ids, "assistant_masks": [int(t) for t in flags]} if loss_on == "assistant"
                 else {"input_ids": ids} for ids, flags in encoded.rows]
     else:
@@ -364,6 +367,7 @@ def count_trained_tokens(cfg, tokenizer, data: TrainRecords, template: str = "")
     or when the template's renderings do not show the assistant's tokens."""
     loss_on, max_length = cfg.train.loss_on, cfg.train.max_length
     encoded = encode_records(tokenizer, data, loss_on)
+    refuse_cut_passages(data, encoded, max_length)
     total = trained = truncated = empty = 0
     for _, flags in encoded.rows:
         kept = flags[:max_length]  # TRL keeps the start, with and without packing ('bfd' truncates)
@@ -380,6 +384,22 @@ def count_trained_tokens(cfg, tokenizer, data: TrainRecords, template: str = "")
     if loss_on == "assistant" and trained == total:
         raise UsageError(_everything_trained(data.kind, len(encoded.rows)))
     return report
+
+
+def refuse_cut_passages(data: TrainRecords, encoded: Encoded, max_length: int) -> None:
+    """Rows with retrieved passages are never truncated: the answer comes last, so cutting
+    the row cuts the answer (or all of it), and the model learns to stop mid-sentence."""
+    from slurmtune.data.context import has_context
+    if data.kind != "chat":
+        return
+    over = [(number, len(ids)) for number, (record, (ids, _)) in enumerate(zip(data.records, encoded.rows), 1)
+            if len(ids) > max_length and has_context(record)]
+    if over:
+        rows = ", ".join(f"record {n}: {tokens} tokens" for n, tokens in over[:5])
+        more = f" and {len(over) - 5} more" if len(over) > 5 else ""
+        raise UsageError(f"train.max_length {max_length} would cut the answer of {len(over)} row(s) with passages "
+                         f"({rows}{more}); fix: raise train.max_length to at least {max(t for _, t in over)}, "
+                         "or give those rows fewer or shorter passages")
 
 
 def _nothing_trained(data, encoded, max_length: int) -> str:

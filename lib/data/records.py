@@ -7,7 +7,8 @@ Two shapes, in TRL's vocabulary:
   ``{"type": "text", "text": ...}``, ``{"type": "image", "image": PATH}``,
   ``{"type": "video", "video": PATH}``; the loss falls on assistant turns. With tool use
   (``data/tools.py``): a record-level ``tools`` list, assistant turns with ``tool_calls``
-  and ``tool`` turns holding their results (never trained).
+  and ``tool`` turns holding their results (never trained). With retrieved passages
+  (``data/context.py``): a user turn's ``context: [{"id", "text"}, ...]``.
 * prompt-completion: ``{"prompt": ..., "completion": ..., "meta": {...}}``; the loss
   falls on the completion.
 
@@ -105,6 +106,8 @@ def check_message(message: Any, where: str, first: bool = False) -> list[Problem
         problems.append((f"{where}.role", f"unknown role {role!r}; expected one of {', '.join(ROLES)}"))
     elif role == "system" and not first:
         problems.append((f"{where}.role", "system turn after the first turn; expected it first"))
+    if "context" in message:
+        problems += _context_problems(message, role, where)
     content = message.get("content")
     if role == "assistant" and message.get("tool_calls"):  # a call: the words are optional
         return problems + ([] if content in (None, "") else check_content(content, f"{where}.content"))
@@ -112,6 +115,13 @@ def check_message(message: Any, where: str, first: bool = False) -> list[Problem
     if role == "assistant" and not problems and not content_text(content).strip():
         problems.append((f"{where}.content", "empty assistant turn; expected the answer to train on"))
     return problems
+
+
+def _context_problems(message: dict, role: Any, where: str) -> list[Problem]:
+    from slurmtune.data.context import context_problems
+    if role != "user":
+        return [(f"{where}.context", f"passages on a {role!r} turn; expected them on the user turn they answer")]
+    return context_problems(message["context"], f"{where}.context")
 
 
 def check_content(content: Any, where: str) -> list[Problem]:

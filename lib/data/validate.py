@@ -269,6 +269,10 @@ class _TokenLengths:
         self.totals.append(total)
         if total > self.max_length:
             self.truncated += 1
+        from slurmtune.data.context import has_context
+        if total > self.max_length and prompt_len < self.max_length and has_context(record):
+            problem(where, None, f"{total} tokens with its passages, over --max-length {self.max_length}: "
+                    "training would cut the answer (raise max_length or give fewer or shorter passages)")
         if prompt_len >= self.max_length:
             self.cut_off += 1
             problem(where, None, f"the trained part starts at token {prompt_len}, at or beyond "

@@ -182,7 +182,7 @@ class TrainingRecipe:
         report = count_trained_tokens(self.cfg, self.tokenizer, TrainRecords(data.kind, data.records[:16]),
                                       template)
         self.data_files = data.files
-        train_dataset = to_dataset(data, self.tokenizer, self.cfg.train.loss_on)
+        train_dataset = to_dataset(data, self.tokenizer, self.cfg.train.loss_on, self.cfg.train.max_length)
         eval_dataset = self._validation_dataset(data.kind)
         write_json_atomic(self.run_dir / CONFIG_FILE, self.config)
         self.log.line(f"start: {len(data.records)} {data.kind} rows from {len(data.files)} file(s), "
@@ -250,7 +250,7 @@ class TrainingRecipe:
             raise UsageError(f"{self.validation_file}: {data.kind} records, but the training files hold "
                              f"{kind} records; fix: validate on the same kind of records")
         self.data_files = self.data_files + data.files
-        return to_dataset(data, self.tokenizer, self.cfg.train.loss_on)
+        return to_dataset(data, self.tokenizer, self.cfg.train.loss_on, self.cfg.train.max_length)
 
     def _build_trainer(self, kind: str, train_dataset, eval_dataset):
         from peft import LoraConfig
