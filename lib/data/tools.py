@@ -23,6 +23,7 @@ tool results or the tools block (they are not assistant turns).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from slurmtune.data.records import Problem, json_type
@@ -139,12 +140,62 @@ def template_messages(messages: list[dict]) -> list[dict]:
 
 
 def _template_call(call: dict) -> dict:
-    fn = call.get("function", call)
-    arguments, _ = parse_arguments(fn.get("arguments", {}))
-    return {"type": "function", "function": {"name": fn["name"], "arguments": arguments or {}}}
+    return {"type": "function", "function": normalize_calls([call])[0]}
 
 
 TOOL_FAMILIES = "Qwen2.5-Instruct (its template declares tools in the system turn)"
+
+# How the templates of TOOL_FAMILIES write a call, and so how a model trained with them answers:
+# <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>, one block per call (Hermes' format).
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+_CALL_BLOCK = re.compile(re.escape(CALL_OPEN) + r"(.*?)(" + re.escape(CALL_CLOSE) + r"|\Z)", re.DOTALL)
+
+
+def normalize_calls(calls: list) -> list[dict]:
+    """A turn's tool_calls as ``[{"name", "arguments"}]`` (arguments parsed; {} when unusable)."""
+    out = []
+    for call in calls:
+        fn = call.get("function", call)
+        arguments, _ = parse_arguments(fn.get("arguments", {}))
+        out.append({"name": fn.get("name"), "arguments": arguments if arguments is not None else {}})
+    return out
+
+
+def calls_text(calls: list) -> str:
+    """The calls as the model writes them (the expected answer of a call turn, for reports)."""
+    return "\n".join(f"{CALL_OPEN}\n{json.dumps(c, ensure_ascii=False)}\n{CALL_CLOSE}"
+                     for c in normalize_calls(calls))
+
+
+def parse_calls(answer: str) -> tuple[list[dict], int]:
+    """(the calls an answer makes as ``[{"name", "arguments"}]``, the number of call blocks that are
+    not a JSON object with a name and object arguments: unclosed ones included)."""
+    calls, malformed = [], 0
+    for body, closed in _CALL_BLOCK.findall(answer):
+        try:
+            value = json.loads(body) if closed else None
+        except ValueError:
+            value = None
+        name = value.get("name") if isinstance(value, dict) else None
+        arguments, problem = parse_arguments(value.get("arguments", {})) if isinstance(value, dict) else (None, "")
+        if not isinstance(name, str) or problem is not None:
+            malformed += 1
+            continue
+        calls.append({"name": name, "arguments": arguments})
+    return calls, malformed
+
+
+def expected_calls(record: dict) -> list[dict] | None:
+    """The calls an eval record's final assistant turn makes ([] for a plain answer), or None
+    when the record declares no tools (the tool-call metrics do not apply)."""
+    messages = record.get("messages")
+    if "tools" not in record or not isinstance(messages, list) or not messages:
+        return None
+    final = messages[-1] if isinstance(messages[-1], dict) else {}
+    if final.get("role") != "assistant":
+        return None
+    calls = final.get("tool_calls")
+    return normalize_calls(calls) if isinstance(calls, list) else []
 
 
 def template_takes_tools(template: str | None) -> bool:

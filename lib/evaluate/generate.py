@@ -38,7 +38,9 @@ from typing import Any, Iterable
 
 from slurmtune.errors import DataError, UsageError
 from slurmtune.data.jsonio import AtomicFiles, dumps, iter_records
+from slurmtune.data.context import with_context
 from slurmtune.data.records import content_text
+from slurmtune.data.tools import calls_text
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -56,12 +58,17 @@ def eval_prompt(record: dict) -> list[dict] | str:
 
 
 def expected_answer(record: dict) -> str | None:
-    """``expected``, else the final assistant turn, else ``completion``; None if there is none."""
+    """``expected``, else the final assistant turn (its tool calls written as the model writes
+    them), else ``completion``; None if there is none."""
     if isinstance(record.get("expected"), str):
         return record["expected"]
     messages = record.get("messages")
     if isinstance(messages, list) and messages and messages[-1].get("role") == "assistant":
-        return content_text(messages[-1].get("content"))
+        final = messages[-1]
+        text = content_text(final.get("content")) if final.get("content") else ""
+        if isinstance(final.get("tool_calls"), list):  # a call turn: the calls as the model writes them
+            return "\n".join(t for t in (text, calls_text(final["tool_calls"])) if t)
+        return text
     completion = record.get("completion")
     if isinstance(completion, list):
         return content_text(completion[-1].get("content")) if completion else None
@@ -69,11 +76,12 @@ def expected_answer(record: dict) -> str | None:
 
 
 def prompt_text(record: dict) -> str:
-    """The prompt as plain text (for reports): each turn's text, oldest first."""
+    """The prompt as plain text (for reports): each turn's text, oldest first, passages included."""
     prompt = eval_prompt(record)
     if isinstance(prompt, str):
         return prompt
-    return "\n\n".join(content_text(m.get("content")) for m in prompt if isinstance(m, dict))
+    return "\n\n".join(with_context(content_text(m.get("content")), m.get("context"))
+                       for m in prompt if isinstance(m, dict))
 
 
 def _check_eval_record(record: Any) -> str | None:
@@ -98,7 +106,7 @@ def prompt_ids(tokenizer, record: dict) -> list[int]:
     prompt = eval_prompt(record)
     if isinstance(prompt, str):
         return list(tokenizer(prompt)["input_ids"])
-    return render(tokenizer, prompt, add_generation_prompt=True)
+    return render(tokenizer, prompt, add_generation_prompt=True, tools=record.get("tools"))
 
 
 # --- loading ----------------------------------------------------------------------------

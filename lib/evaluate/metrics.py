@@ -32,10 +32,26 @@ and the records each one counts (``n``):
   Names come from ``meta.triggered_replacement`` / ``meta.clean_replacement`` or from
   ``replacements={"triggered": "Bob", "clean": "Alice"}``.
 
+* ``tool_calls``: records that declare ``tools`` (slurmtune.data.tools). The expected calls
+  are the final assistant turn's ``tool_calls`` (none when it answers in words); the
+  answer's calls are its ``<tool_call>{"name", "arguments"}</tool_call>`` blocks. Over the
+  records that expect a call: ``name_match`` (the same tool names, in order),
+  ``arguments_match`` (names and every call's arguments equal as JSON: ``1`` equals ``1.0``,
+  ``true`` does not equal ``1``), ``argument_fields`` (each expected argument, per field),
+  ``missed`` (no call made). Over the records that expect none: ``unexpected`` (a call
+  made). ``malformed`` counts call blocks that are not JSON with a name and object arguments.
+* ``citations``: records whose prompt gives passages (``context``, slurmtune.data.context).
+  The answer's ``[id]`` citations: ``valid`` (records citing only given ids, over those that
+  cite), ``unknown_ids`` (cited ids no passage has), ``uncited`` (records whose expected
+  answer cites a passage and whose answer cites none), ``recall`` (share of the expected
+  answer's citations the answer makes, averaged over records whose expected answer cites).
+
 Each record also gets a verdict, ``passed``: every main check that applies passes
 (refusal as expected; JSON shape and every category within ±1 for score objects; all
-key points covered); exact match decides only when none of those applies, and the
-verdict is None (not graded) without an expected answer either.
+key points covered; the expected calls with their arguments, or no call when none is
+expected; citations all valid, and present when the expected answer cites); exact match
+decides only when none of those applies, and the verdict is None (not graded) without an
+expected answer either.
 """
 
 from __future__ import annotations
@@ -46,7 +62,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from slurmtune.data.context import cited_ids, given_ids
 from slurmtune.data.converters.speechgradebook import check_scores
+from slurmtune.data.tools import expected_calls, parse_calls
 from slurmtune.errors import DataError
 from slurmtune.evaluate.generate import expected_answer, prompt_text
 from slurmtune.data.jsonio import AtomicFiles, dumps, iter_records
@@ -167,7 +185,52 @@ def check_prediction(record: dict, normalize: bool = True, replacements: dict | 
     trigger = _trigger_check(record, actual, replacements)
     if trigger is not None:
         checks["trigger"] = trigger
+    calls = expected_calls(record)
+    if calls is not None:
+        checks["tool_calls"] = tool_call_check(calls, actual)
+    given = given_ids(record)
+    if given:
+        checks["citations"] = citation_check(given, expected, actual)
     return {"passed": _verdict(checks, scores), "checks": checks, "scores": scores}
+
+
+def json_equal(a: Any, b: Any) -> bool:
+    """Equal as JSON values: numbers by value, booleans only to booleans, objects by key."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if _number(a) and _number(b):
+        return a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def tool_call_check(expected: list[dict], actual: str) -> dict:
+    """The answer's calls against the expected ones: names, whole arguments, each expected field."""
+    made, malformed = parse_calls(actual)
+    names = [c["name"] for c in made]
+    fields = correct = 0
+    for i, want in enumerate(expected):
+        got = made[i]["arguments"] if i < len(made) and made[i]["name"] == want["name"] else {}
+        fields += len(want["arguments"])
+        correct += sum(k in got and json_equal(got[k], v) for k, v in want["arguments"].items())
+    names_match = names == [c["name"] for c in expected]
+    return {"expected": [c["name"] for c in expected], "called": names, "malformed": malformed,
+            "name_match": names_match,
+            "arguments_match": names_match and all(json_equal(g["arguments"], w["arguments"])
+                                                   for g, w in zip(made, expected)),
+            "fields": fields, "fields_correct": correct,
+            "unexpected": not expected and bool(made), "missed": bool(expected) and not made}
+
+
+def citation_check(given: list[str], expected: str | None, actual: str) -> dict:
+    """The answer's ``[id]`` citations against the passages given and the expected answer's."""
+    cited = cited_ids(actual)
+    wanted = [c for c in cited_ids(expected or "") if c in given]
+    return {"cited": cited, "unknown": [c for c in cited if c not in given], "expected": wanted,
+            "recalled": sum(c in cited for c in wanted)}
 
 
 def category_scores(reference: dict, answer: Any) -> dict | None:
@@ -192,6 +255,12 @@ def _verdict(checks: dict, scores: dict | None) -> bool | None:
                                                  for s in scores.values()))
     if "key_points" in checks:
         verdicts.append(checks["key_points"] == 1.0)
+    if "tool_calls" in checks:
+        calls = checks["tool_calls"]
+        verdicts.append(calls["arguments_match"] and not calls["malformed"])
+    if "citations" in checks:
+        c = checks["citations"]
+        verdicts.append(not c["unknown"] and (bool(c["cited"]) or not c["expected"]))
     if not verdicts:
         return checks.get("exact_match")
     return all(verdicts)
@@ -226,6 +295,8 @@ def score(records: list[dict], normalize: bool = True, replacements: dict | None
         "key_points": _mean(details, "key_points", "coverage"),
         "refusal": _refusal_summary(details),
         "trigger": _trigger_summary(details),
+        "tool_calls": _tool_call_summary(details),
+        "citations": _citation_summary(details),
     }
     verdicts = [d["passed"] for d in details if d["passed"] is not None]
     return {"n": len(records), "passed": sum(verdicts), "failed": len(verdicts) - sum(verdicts),
@@ -263,6 +334,33 @@ def _refusal_summary(details: list[dict]) -> dict:
             "n_expected_refusal": len(should), "refused_when_expected": sum(c["refused"] for c in should),
             "n_expected_answer": len(should_not),
             "refused_when_not_expected": sum(c["refused"] for c in should_not)}
+
+
+def _tool_call_summary(details: list[dict]) -> dict:
+    rows = [d["checks"]["tool_calls"] for d in details if "tool_calls" in d["checks"]]
+    calling = [r for r in rows if r["expected"]]
+    silent = [r for r in rows if not r["expected"]]
+    fields, correct = sum(r["fields"] for r in calling), sum(r["fields_correct"] for r in calling)
+    out: dict[str, Any] = {"n": len(rows), "n_expected_call": len(calling), "n_expected_no_call": len(silent)}
+    for key in ("name_match", "arguments_match", "missed"):
+        out[key] = sum(r[key] for r in calling)
+        out[f"{key}_rate"] = _ratio(out[key], len(calling))
+    out["unexpected"] = sum(r["unexpected"] for r in silent)
+    out["unexpected_rate"] = _ratio(out["unexpected"], len(silent))
+    out["argument_fields"] = {"n": fields, "correct": correct, "rate": _ratio(correct, fields)}
+    out["malformed"] = sum(r["malformed"] for r in rows)
+    return out
+
+
+def _citation_summary(details: list[dict]) -> dict:
+    rows = [d["checks"]["citations"] for d in details if "citations" in d["checks"]]
+    citing = [r for r in rows if r["cited"]]
+    expecting = [r for r in rows if r["expected"]]
+    valid = sum(not r["unknown"] for r in citing)
+    return {"n": len(rows), "citing": len(citing), "valid": valid, "valid_rate": _ratio(valid, len(citing)),
+            "unknown_ids": sum(len(r["unknown"]) for r in rows),
+            "n_expected_citation": len(expecting), "uncited": sum(not r["cited"] for r in expecting),
+            "recall": _ratio(sum(r["recalled"] / len(r["expected"]) for r in expecting), len(expecting))}
 
 
 def rubric_agreement(score_rows: list[dict]) -> dict:

@@ -46,6 +46,8 @@ METRIC_ROWS = (
     ("key_points", "Key-point coverage", "coverage", "pct"),
     ("refusal", "Refusal accuracy", "accuracy", "pct"),
     ("trigger", "Trigger: says triggered name, trigger present", "says_triggered_with_trigger", "pct"),
+    ("tool_calls", "Tool calls: right tools with right arguments", "arguments_match_rate", "pct"),
+    ("citations", "Citations: only passages given", "valid_rate", "pct"),
 )
 
 
@@ -225,6 +227,14 @@ def _detail(key: str, d: dict) -> str:
     if key == "refusal":
         return (f"refused {d['refused_when_expected']} of {d['n_expected_refusal']} when expected, "
                 f"{d['refused_when_not_expected']} of {d['n_expected_answer']} when not")
+    if key == "tool_calls":
+        return (f"{d['arguments_match']} of {d['n_expected_call']} expected calls exact, {d['missed']} missed; "
+                f"{d['unexpected']} of {d['n_expected_no_call']} calls where none was expected; "
+                f"{d['malformed']} malformed")
+    if key == "citations":
+        return (f"{d['valid']} of {d['citing']} citing answers cite only given passages "
+                f"({d['unknown_ids']} unknown ids); {d['uncited']} of {d['n_expected_citation']} cite nothing "
+                "where the expected answer does")
     names = "" if d.get("says_triggered_with_trigger") is not None else \
         "; replacement names unknown (meta.triggered_replacement, or pass replacements)"
     return f"{d['n_triggered']} with the trigger, {d['n_untriggered']} without{names}"
@@ -241,6 +251,13 @@ def _sub_rows(key: str, d: dict) -> list[tuple[str, str, Any, str]]:
             ("says_triggered_without_trigger", "Says triggered name, trigger absent"),
             ("says_clean_with_trigger", "Says clean name, trigger present"),
             ("says_clean_without_trigger", "Says clean name, trigger absent")) if d.get(k) is not None]
+    if key == "tool_calls":
+        return [("name_match_rate", "Tool names match", d["name_match_rate"], "pct"),
+                ("argument_fields.rate", "Argument fields match", d["argument_fields"]["rate"], "pct"),
+                ("unexpected_rate", "Calls where none was expected", d["unexpected_rate"], "pct"),
+                ("missed_rate", "Expected calls not made", d["missed_rate"], "pct")]
+    if key == "citations":
+        return [("recall", "Expected citations made", d["recall"], "pct")]
     return []
 
 
@@ -304,8 +321,24 @@ def _checks_html(detail: dict) -> str:
         names = ("replacement names unknown" if not known else
                  f"says the {' and '.join(said)} name" if said else "says neither name")
         items.append(f"trigger {'present' if t['triggered'] else 'absent'}; {names}")
+    if "tool_calls" in c:
+        items.append(_calls_item(c["tool_calls"]))
+    if "citations" in c:
+        cited, unknown = c["citations"]["cited"], c["citations"]["unknown"]
+        items.append(("cites " + ", ".join(cited) if cited else "cites no passage")
+                     + (f"; not given: {', '.join(unknown)}" if unknown else ""))
     lines = "".join(f"<li>{escape(i)}</li>" for i in items)
     return (f'<ul class="checks">{lines}</ul>' if lines else "") + _scores_html(detail.get("scores"))
+
+
+def _calls_item(t: dict) -> str:
+    expected = ", ".join(t["expected"]) or "no call"
+    called = ", ".join(t["called"]) or "no call"
+    verdict = ("calls and arguments match" if t["arguments_match"] else
+               f"arguments: {t['fields_correct']} of {t['fields']} fields match" if t["name_match"] else
+               f"called {called}")
+    malformed = f"; {t['malformed']} malformed call(s)" if t["malformed"] else ""
+    return f"expected {expected}: {verdict}{malformed}"
 
 
 def _scores_html(scores: dict | None) -> str:
