@@ -349,7 +349,7 @@ def test_each_metric_counts_only_records_with_its_fields(tmp_path):
     result = score_file(write_jsonl(tmp_path / "p.jsonl", rows))
     counts = {name: m["n"] for name, m in result["metrics"].items()}
     assert counts == {"exact_match": 5, "format_compliance": 1, "rubric_agreement": 1, "key_points": 1,
-                      "refusal": 1, "trigger": 2}
+                      "refusal": 1, "trigger": 2, "tool_calls": 0, "citations": 0}
     assert (result["n"], result["passed"], result["failed"]) == (5, 3, 2)  # trigger halves: no exact match
     assert expected_answer(rows[1]) == rows[1]["messages"][-1]["content"]
     json.loads(json.dumps(result))
