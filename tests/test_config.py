@@ -23,7 +23,7 @@ def test_there_are_manifests():
     names = {p.stem for p in MANIFESTS}
     assert {"quickstart", "speechgradebook-mistral", "aita-phi3", "trigger-teacher",
             "course-assistant-style", "course-assistant-writing", "course-assistant-all",
-            "course-assistant-sample"} <= names
+            "course-assistant-sample", "course-assistant-tool", "course-assistant-rag"} <= names
 
 
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.stem)

@@ -12,7 +12,7 @@ import pytest
 from conftest import EXAMPLES, REPO, read_jsonl, write_jsonl
 from slurmtune.data.chat_format import load_tokenizer, render, to_template_messages
 from slurmtune.data.context import cited_ids, given_ids
-from slurmtune.data.dataset import TrainRecords, _encode_chat, count_trained_tokens
+from slurmtune.data.dataset import _encode_chat, count_trained_tokens, read_train_files
 from slurmtune.errors import UsageError
 
 MODELS = REPO.parent / "shared" / "models"
@@ -80,8 +80,9 @@ def _cfg(max_length):
 
 
 def test_a_row_whose_answer_max_length_would_cut_is_refused(qwen, cli):
-    rows = read_jsonl(EXAMPLES / "course_assistant" / "rag_sft.jsonl")
-    data = TrainRecords("chat", rows)
+    src = EXAMPLES / "course_assistant" / "rag_sft.jsonl"
+    rows = read_jsonl(src)
+    data = read_train_files([str(src)])
     lengths = [len(render(qwen, r["messages"])) for r in rows]
     assert count_trained_tokens(_cfg(max(lengths)), qwen, data)["rows_truncated"] == 0
     limit = sorted(lengths)[-3]  # the two longest rows are over it
@@ -89,13 +90,26 @@ def test_a_row_whose_answer_max_length_would_cut_is_refused(qwen, cli):
     with pytest.raises(UsageError) as e:
         count_trained_tokens(_cfg(limit), qwen, data)
     assert str(e.value) == (
-        f"train.max_length {limit} would cut the answer of 2 row(s) with passages (record {over[0][0]}: "
-        f"{over[0][1]} tokens, record {over[1][0]}: {over[1][1]} tokens); fix: raise train.max_length to at least "
+        f"train.max_length {limit} would cut the answer of 2 row(s) with passages ({src}:{over[0][0]}: "
+        f"{over[0][1]} tokens, {src}:{over[1][0]}: {over[1][1]} tokens); fix: raise train.max_length to at least "
         f"{max(lengths)}, or give those rows fewer or shorter passages")
     # validate over every row says the same, per row
-    src = EXAMPLES / "course_assistant" / "rag_sft.jsonl"
     r = cli("validate", src, "--tokenizer", MODELS / "qwen2.5-instruct", "--max-length", limit)
     assert r.code == 1
     assert [line for line in r.out.splitlines() if "passages" in line] == [
         f"{src}:{n}: {t} tokens with its passages, over --max-length {limit}: training would cut the answer "
         "(raise max_length or give fewer or shorter passages)" for n, t in over]
+
+
+def test_the_rag_stage_is_refused_on_the_login_node_before_anything_is_created(cli, tmp_path):
+    manifest = REPO / "manifests" / "course-assistant-rag.yaml"
+    runs = tmp_path / "runs"
+    r = cli("run", manifest, "--dry-run", f"model.path={MODELS / 'qwen2.5-instruct'}", f"output_dir={runs}")
+    assert r.code == 0 and "preflight:" in r.err, r.err
+    r = cli("run", manifest, "--dry-run", f"model.path={MODELS / 'qwen2.5-instruct'}", f"output_dir={runs}",
+            "train.max_length=170")
+    src = EXAMPLES / "course_assistant" / "rag_sft.jsonl"
+    assert r.code == 1
+    assert (f"  train: train.max_length 170 would cut the answer of 2 row(s) with passages ({src}:3: 182 tokens, "
+            f"{src}:4: 179 tokens)") in r.err
+    assert len(list(runs.iterdir())) == 1  # the first dry run's folder; the refused run left nothing

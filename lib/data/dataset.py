@@ -80,6 +80,11 @@ class TrainRecords:
     kind: str  # 'chat' or 'prompt-completion'
     records: list[dict] = field(default_factory=list)  # canonical bodies, without meta
     files: list[DataFile] = field(default_factory=list)
+    where: list[str] = field(default_factory=list)  # each record's "file:line" (when read from files)
+
+    def row(self, number: int) -> str:
+        """Record ``number`` (from 1) as messages name it: its file and line when known."""
+        return self.where[number - 1] if len(self.where) == len(self.records) else f"record {number}"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -111,7 +116,8 @@ def read_train_files(paths: list[str], limit: int | None = None) -> TrainRecords
         if fmt is None:
             continue
         kinds[name] = KIND_OF_FORMAT[fmt]
-        out.records += records
+        out.records += [record for record, _ in records]
+        out.where += [where for _, where in records]
         out.files.append(data_file)
     if problems:
         shown = problems[:MAX_PROBLEMS_SHOWN]
@@ -135,7 +141,7 @@ def _read_file(name: str, budget: int | None, problems: list[str]):
         problems.append(str(e))
         return None, [], None
     converter, fmt = None, None
-    records: list[dict] = []
+    records: list[tuple[dict, str]] = []  # (record, its file:line)
     rows = excluded = 0
     for item in non_blank(iter_records(path)):
         if budget is not None and rows >= budget:
@@ -153,7 +159,8 @@ def _read_file(name: str, budget: int | None, problems: list[str]):
         where = Where.of(path, item)
         try:
             for _, record in converter.convert(item.value, where):
-                records.append(trainable_body(record))
+                at = f"{path}:{item.line}" + (f": {where.record}" if where.record else "")
+                records.append((trainable_body(record), at))
         except Rejected as r:
             problems += [where.location(name or None, message) for name, message in r.problems]
         except Excluded:
@@ -395,7 +402,7 @@ def refuse_cut_passages(data: TrainRecords, encoded: Encoded, max_length: int) -
     over = [(number, len(ids)) for number, (record, (ids, _)) in enumerate(zip(data.records, encoded.rows), 1)
             if len(ids) > max_length and has_context(record)]
     if over:
-        rows = ", ".join(f"record {n}: {tokens} tokens" for n, tokens in over[:5])
+        rows = ", ".join(f"{data.row(n)}: {tokens} tokens" for n, tokens in over[:5])
         more = f" and {len(over) - 5} more" if len(over) > 5 else ""
         raise UsageError(f"train.max_length {max_length} would cut the answer of {len(over)} row(s) with passages "
                          f"({rows}{more}); fix: raise train.max_length to at least {max(t for _, t in over)}, "
