@@ -13,6 +13,7 @@ from conftest import EXAMPLES, REPO, read_jsonl, write_jsonl
 from slurmtune.data.chat_format import load_tokenizer, to_template_messages
 from slurmtune.data.dataset import _encode_chat, refuse_tools_without_template
 from slurmtune.errors import UsageError
+from slurmtune.evaluate.generate import predict
 
 MODELS = REPO.parent / "shared" / "models"
 GOOD = read_jsonl(EXAMPLES / "course_assistant" / "tool_sft.jsonl")[0]
@@ -100,6 +101,8 @@ def test_loss_falls_on_the_calls_and_words_never_on_results_or_the_tools_block(q
 def test_a_template_without_tools_is_refused(qwen):
     phi3 = load_tokenizer(MODELS / "phi-3-mini-4k-instruct")
     refuse_tools_without_template(qwen, [GOOD])  # Qwen2.5's template renders them
+    with pytest.raises(UsageError, match="1 record.s. use tools"):
+        predict(None, phi3, [GOOD])  # refused before any model is asked
     with pytest.raises(UsageError) as e:
         refuse_tools_without_template(phi3, [GOOD, {"messages": GOOD["messages"][:2]}])
     assert str(e.value) == (

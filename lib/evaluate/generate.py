@@ -182,8 +182,11 @@ def predict(model, tokenizer, records: list[dict], batch_size: int = 8,
     """Greedy answers to ``records``, in their order (surrounding whitespace stripped)."""
     from slurmtune.progress import progress
 
+    from slurmtune.data.dataset import refuse_tools_without_template
+
     if batch_size < 1:
         raise UsageError(f"batch_size={batch_size}; expected at least 1")
+    refuse_tools_without_template(tokenizer, records)  # a prompt without its tools asks another question
     prompts = [prompt_ids(tokenizer, r) for r in records]
     # Similar lengths together: a batch pads only up to its own longest prompt.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
