@@ -120,6 +120,22 @@ def test_converter_problems_are_found_before_the_convert_step(cli, tmp_path, mis
     assert _no_runs(tmp_path)
 
 
+def test_media_rows_are_refused_by_the_text_recipe_naming_them(cli, tmp_path):
+    """Converted document-image records on a text model: refused on the login node, not trained
+    on placeholder words (the run used to complete)."""
+    assert cli("convert", "image-messages", EXAMPLES / "docvqa" / "train.jsonl", "--out", tmp_path / "data").code == 0
+    train = tmp_path / "data" / "train.jsonl"
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"name: docs\noutput_dir: {tmp_path / 'runs'}\ndata: {{train_files: [{train}]}}\n"
+                        f"model: {{path: {tmp_path / 'tiny'}, tiny_arch: llama}}\nslurm: {{gpus: 0}}\n")
+    r = cli("run", manifest, "--executor", "local", "--dry-run")
+    assert r.code == 1
+    assert (f"  train: 4 row(s) have image or video parts ({train}:1: messages[0].content[1].image, "
+            f"{train}:2: messages[1].content[1].image, ") in r.err, r.err
+    assert "the text recipe would train on placeholder words instead of the media" in r.err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "tiny").exists()
+
+
 def test_the_job_runs_the_same_checks_on_its_node(tmp_path, mistral_revised):
     """The login node's problems for a plan are exactly its jobs' own checks, and a job that
     reaches its node with a bad config (here: a run folder written around the checks) fails

@@ -198,6 +198,7 @@ def to_dataset(data: TrainRecords, tokenizer, loss_on: str, max_length: int | No
     ``max_length``, rows with passages that it would cut are refused (:func:`refuse_cut_passages`)."""
     from datasets import Dataset
 
+    refuse_media_rows(data)
     if data.kind == "chat":
         encoded = encode_records(tokenizer, data, loss_on)
         if max_length is not None:
@@ -314,6 +315,20 @@ def encode(tokenizer, record: dict, kind: str, loss_on: str, max_length: int | N
     return ids, trained
 
 
+def refuse_media_rows(data: TrainRecords) -> None:
+    """The text recipe sees an image or a video only as a placeholder word: trained on such a row,
+    the model learns answers about media it never saw. Refused, naming the rows."""
+    from slurmtune.data.records import media_paths
+    rows = [(n, media_paths(r)) for n, r in enumerate(data.records, 1)]
+    rows = [(n, found) for n, found in rows if found]
+    if rows:
+        named = ", ".join(f"{data.row(n)}: {found[0][0]}" for n, found in rows[:5])
+        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+        raise UsageError(f"{len(rows)} row(s) have image or video parts ({named}{more}), and the text recipe would "
+                         "train on placeholder words instead of the media; fix: train on text-only rows (this "
+                         "version has no vision-language recipe)")
+
+
 def refuse_tools_without_template(tokenizer, records: list[dict]) -> None:
     """Records with tools need a template that renders them: silently dropping the tools
     block would train calls of tools the prompt never declares."""
@@ -371,8 +386,10 @@ def _ids(out: Any) -> list[int]:
 def count_trained_tokens(cfg, tokenizer, data: TrainRecords, template: str = "") -> dict:
     """Tokens and trained tokens of ``data`` as training prepares them (the preflight's numbers).
     Raises UsageError when nothing, or everything despite loss_on=assistant, would be trained,
-    or when the template's renderings do not show the assistant's tokens."""
+    when the template's renderings do not show the assistant's tokens, or when rows carry
+    media the text recipe cannot see (:func:`refuse_media_rows`)."""
     loss_on, max_length = cfg.train.loss_on, cfg.train.max_length
+    refuse_media_rows(data)
     encoded = encode_records(tokenizer, data, loss_on)
     refuse_cut_passages(data, encoded, max_length)
     total = trained = truncated = empty = 0
