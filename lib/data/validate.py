@@ -23,6 +23,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from slurmtune.data.context import has_context
 from slurmtune.data.converters import FORMATS, get_converter
 from slurmtune.data.converters.base import Excluded, Where
 from slurmtune.data.converters.speechgradebook import check_rubric, check_scores
@@ -269,7 +270,6 @@ class _TokenLengths:
         self.totals.append(total)
         if total > self.max_length:
             self.truncated += 1
-        from slurmtune.data.context import has_context
         if total > self.max_length and prompt_len < self.max_length and has_context(record):
             problem(where, None, f"{total} tokens with its passages, over --max-length {self.max_length}: "
                     "training would cut the answer (raise max_length or give fewer or shorter passages)")
