@@ -150,7 +150,7 @@ def model_problems(cfg: RunConfig) -> list[str]:
 
 
 def training_problems(cfg: RunConfig, kind: str) -> list[str]:
-    problems = attention_problems(cfg)
+    problems = attention_problems(cfg) + kernel_problems(cfg)
     world = world_size(cfg)
     if kind == "train_deepspeed":
         return problems + check_distributed(cfg)
@@ -172,7 +172,7 @@ def attention_problems(cfg: RunConfig) -> list[str]:
     """The training attention kernel against where the run trains."""
     impl = cfg.model.attn_implementation
     problems = []
-    on_cpu = cfg.distributed.device == "cpu" if world_size(cfg) > 1 else cfg.slurm.gpus == 0
+    on_cpu = _trains_on_cpu(cfg)
     if impl in ("flash_attention_2", "flex_attention") and on_cpu:
         problems.append(f"model.attn_implementation={impl} trains on GPUs only (it has no backward pass on "
                         "CPU) but this run trains on CPU; fix: model.attn_implementation=sdpa, or slurm.gpus=1")
@@ -181,6 +181,25 @@ def attention_problems(cfg: RunConfig) -> list[str]:
                         "environment lacks; fix: install a flash-attn wheel built for this torch and CUDA, "
                         "or use flex_attention (part of torch)")
     return problems
+
+
+def kernel_problems(cfg: RunConfig) -> list[str]:
+    """Fused kernels against where the run trains and what is installed."""
+    if cfg.train.kernels != "liger":
+        return []
+    problems = []
+    if _trains_on_cpu(cfg):
+        problems.append("train.kernels=liger runs on GPUs only (its kernels are Triton, which has no CPU "
+                        "backend) but this run trains on CPU; fix: train.kernels=default, or slurm.gpus=1")
+    if importlib.util.find_spec("liger_kernel") is None:
+        problems.append("train.kernels=liger needs the liger-kernel package, which this environment lacks; "
+                        "fix: pip install -r env/requirements-gpu.txt into the run's environment, or "
+                        "train.kernels=default")
+    return problems
+
+
+def _trains_on_cpu(cfg: RunConfig) -> bool:
+    return cfg.distributed.device == "cpu" if world_size(cfg) > 1 else cfg.slurm.gpus == 0
 
 
 def packing_notice(cfg: RunConfig) -> str | None:

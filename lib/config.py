@@ -114,6 +114,9 @@ class TrainConfig:
                                    "--tokenizer`)", at_least(1, "1 or more tokens"))
     packing: bool = field_(False, "padding-free batches of several rows (pays with model.attn_implementation "
                                   "flash_attention_2 or flex_attention)")
+    kernels: Literal["default", "liger"] = field_(
+        "default", "fused training kernels: liger (liger-kernel's RMSNorm, RoPE, SwiGLU and fused linear "
+                   "cross-entropy; GPU only, env/requirements-gpu.txt) or the model's own")
     loss_on: Literal["assistant", "all"] = field_("assistant", "tokens the loss is computed on: the "
                                                                "assistant's answers, or all of each row")
     early_stopping_patience: int = field_(3, "evaluations without a better validation loss before training "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, REPO
 from slurmtune.checks import CheckFailed, StepNeeds, Submission, job_problems, submission_problems
 from slurmtune.cluster.profiles import ClusterProfile
 from slurmtune.config import load_manifest
@@ -192,3 +192,17 @@ def test_a_stop_that_nothing_can_requeue_is_written_STOPPED(tmp_path, mistral_re
     from slurmtune.runs.folder import Step
     run.add_step(Step("report", "report", []))
     assert [r.state for r in run_status(run)] == ["STOPPED"]
+
+
+def test_liger_kernels_are_refused_on_cpu_and_without_the_package():
+    """train.kernels=liger: Triton kernels, GPU only; this CPU environment has no liger-kernel."""
+    quickstart = REPO / "manifests" / "quickstart.yaml"
+    on_cpu = job_problems(load_manifest(quickstart, ["train.kernels=liger"]), "train")
+    assert on_cpu == [
+        "train.kernels=liger runs on GPUs only (its kernels are Triton, which has no CPU backend) but this run "
+        "trains on CPU; fix: train.kernels=default, or slurm.gpus=1",
+        "train.kernels=liger needs the liger-kernel package, which this environment lacks; fix: pip install -r "
+        "env/requirements-gpu.txt into the run's environment, or train.kernels=default"]
+    on_gpu = job_problems(load_manifest(quickstart, ["train.kernels=liger", "slurm.gpus=1"]), "train")
+    assert on_gpu == on_cpu[1:]
+    assert job_problems(load_manifest(quickstart, ["slurm.gpus=1"]), "train") == []

@@ -536,6 +536,7 @@ def sft_config(cfg: RunConfig, run_dir: Path, device: Device, kind: str, validat
         warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a share of the steps
         max_length=t.max_length,
         packing=t.packing,  # TRL's default 'bfd' packing is padding-free
+        use_liger_kernel=t.kernels == "liger",  # the checks refused it on CPU and without liger-kernel
         # Chat rows come tokenized, their mask in `assistant_masks` (slurmtune.data.dataset.to_dataset),
         # which TRL turns into labels by itself; its assistant_only_loss wants `messages` rows (it raises
         # on tokenized ones) and would swap in a template of its own when the model's has no markers.
