@@ -17,9 +17,10 @@ ALLOWED = {
     "evaluate": {"base", "data"},
     "cluster": {"base"},
     "runs": {"base", "data", "evaluate", "cluster"},
+    "serve": {"base", "data", "evaluate"},
     "checks": {"base", "data", "train", "evaluate", "cluster", "runs"},
     "jobs": {"base", "data", "train", "evaluate", "cluster", "runs", "checks"},
-    "cli": {"base", "data", "train", "evaluate", "cluster", "runs", "checks", "jobs"},
+    "cli": {"base", "data", "train", "evaluate", "cluster", "runs", "serve", "checks", "jobs"},
 }
 BASE_MODULES = {"errors", "schema", "config", "progress", "logs", "__init__"}
 MAX_FUNCTION_LINES = 50

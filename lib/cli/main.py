@@ -6,7 +6,7 @@
     slurmtune run MANIFEST [--cluster NAME]        slurmtune sweep MANIFEST     (cli/run.py)
     slurmtune status [RUN]   slurmtune logs RUN    slurmtune cancel RUN         (cli/status.py)
     slurmtune predict / score / compare / merge / report                       (cli/evaluate.py)
-    slurmtune make-tiny-model / fetch-model                                     (cli/models.py)
+    slurmtune make-tiny-model / fetch-model / publish                           (cli/models.py)
     slurmtune doctor [--cluster NAME]                                           (cli/doctor.py)
 
 Exit status: 0 success, 1 invalid input or a failed step, 2 usage error. Errors the

@@ -1,4 +1,5 @@
-"""Model commands: make-tiny-model (demos, tests), fetch-model (the login node downloads; nodes are offline)."""
+"""Model commands: make-tiny-model (demos, tests), fetch-model (the login node downloads; nodes are
+offline), publish (an adapter and its model card to the hub)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from slurmtune.errors import SlurmtuneError, UsageError
 def add_commands(sub, argv: list[str]) -> None:
     _add_make_tiny_model(sub)
     _add_fetch_model(sub)
+    _add_publish(sub)
 
 
 def _add_make_tiny_model(sub) -> None:
@@ -61,4 +63,39 @@ def _fetch_model(args) -> int:
         raise SlurmtuneError(f"could not download {args.name}: {reason} (is the hub reachable from "
                              "this node? gated models need `hf auth login` or HF_TOKEN)") from None
     print(f"{args.name} -> {path}\nuse it in a manifest as: model.path={path}")
+    return 0
+
+
+def _add_publish(sub) -> None:
+    p = sub.add_parser("publish", help="push an adapter and a model card made from its lineage to the model hub")
+    p.add_argument("adapter", metavar="ADAPTER", help="a trained adapter folder (a run's final/)")
+    p.add_argument("--repo", required=True, metavar="ORG/NAME")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--dry-run", action="store_true", help="push nothing; with --out, write what would be pushed")
+    p.add_argument("--out", metavar="DIR", help="with --dry-run: a new folder for the exact files that would be pushed")
+    p.add_argument("--data-use-approved", action="store_true",
+                   help="the adapter saw student data and publishing it is approved (consent, institutional rules)")
+    p.set_defaults(func=_publish)
+
+
+def _publish(args) -> int:
+    import re
+    import tempfile
+
+    from slurmtune.serve.publish import push, stage
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", args.repo):
+        raise UsageError(f"--repo {args.repo!r}: expected ORG/NAME (letters, digits, - _ .)")
+    if args.out and not args.dry_run:
+        raise UsageError("--out applies only with --dry-run (a push stages its files in a temporary folder)")
+    if args.dry_run:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = stage(args.adapter, args.out or Path(tmp) / "publish", args.repo, args.data_use_approved)
+            files = sorted(p.name for p in folder.iterdir())
+        where = f" (written to {args.out})" if args.out else ""
+        print(f"dry run: would push {len(files)} files to {args.repo}{where}: {', '.join(files)}")
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = stage(args.adapter, Path(tmp) / "publish", args.repo, args.data_use_approved)
+        url = push(folder, args.repo, args.private)
+    print(f"published {args.adapter} to {args.repo}{' (private)' if args.private else ''}: {url}")
     return 0

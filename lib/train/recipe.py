@@ -529,8 +529,7 @@ def sft_config(cfg: RunConfig, run_dir: Path, device: Device, kind: str, validat
         output_dir=str(run_dir),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr,
         warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a share of the steps
