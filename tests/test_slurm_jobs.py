@@ -111,8 +111,14 @@ def test_a_failing_middle_step_cancels_the_rest(slurm_cluster, cli, tmp_path):
     for later in ("train", "eval", "report"):
         assert states[later]["state"] == "CANCELLED", states[later]
         assert states[later]["error"] == "not run: step validate failed"
-    out = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(j for s in run.record.steps for j in s.job_ids)],
-                         capture_output=True, text=True, env=slurm_cluster).stdout
+    ids = ",".join(j for s in run.record.steps for j in s.job_ids)
+    deadline = time.monotonic() + 60  # the failed job may still be COMPLETING after it reported itself
+    while True:
+        out = subprocess.run(["squeue", "-h", "-o", "%i %T %r", "-j", ids],
+                             capture_output=True, text=True, env=slurm_cluster).stdout
+        if not out.strip() or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert out.strip() == ""  # nothing left PENDING on DependencyNeverSatisfied
     table = cli("status", run.dir)
     assert table.code == 1 and "validate   FAILED" in table.out
