@@ -11,7 +11,8 @@ import pytest
 
 from conftest import EXAMPLES, REPO, read_jsonl, write_jsonl
 from slurmtune.data.chat_format import load_tokenizer, to_template_messages
-from slurmtune.data.dataset import _encode_chat, refuse_tools_without_template
+from slurmtune.data.dataset import _encode_chat
+from slurmtune.data.tools import refuse_tools_without_template
 from slurmtune.errors import UsageError
 from slurmtune.evaluate.generate import predict
 

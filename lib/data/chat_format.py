@@ -20,6 +20,7 @@ from typing import Any
 
 from slurmtune.data.context import with_context
 from slurmtune.data.records import content_text
+from slurmtune.data.tools import template_calls
 
 
 def load_tokenizer(path: str):
@@ -49,10 +50,7 @@ def to_template_messages(messages: list[dict], strict: bool = False) -> list[dic
     no system turn (its text opens the first user turn), user first, roles alternating
     (consecutive turns of one role are joined)."""
     out = [{"role": m["role"], "content": with_context(_flatten(m.get("content")), m.get("context")),
-            **({"tool_calls": m["tool_calls"]} if m.get("tool_calls") else {})} for m in messages]
-    if any("tool_calls" in m for m in out):
-        from slurmtune.data.tools import template_messages
-        out = template_messages(out)
+            **({"tool_calls": template_calls(m["tool_calls"])} if m.get("tool_calls") else {})} for m in messages]
     if not strict:
         return out
     system = out.pop(0)["content"] if out and out[0]["role"] == "system" else None

@@ -54,6 +54,7 @@ from slurmtune.data.templates import (
 )
 from slurmtune.data.converters import get_converter
 from slurmtune.data.converters.base import Excluded, Rejected, Where
+from slurmtune.data.tools import refuse_tools_without_template
 from slurmtune.errors import DataError, UsageError, format_location
 from slurmtune.data.jsonio import check_input_file, is_json_document, iter_records, non_blank
 from slurmtune.data.validate import detect_format
@@ -159,8 +160,7 @@ def _read_file(name: str, budget: int | None, problems: list[str]):
         where = Where.of(path, item)
         try:
             for _, record in converter.convert(item.value, where):
-                at = f"{path}:{item.line}" + (f": {where.record}" if where.record else "")
-                records.append((trainable_body(record), at))
+                records.append((trainable_body(record), where.place))
         except Rejected as r:
             problems += [where.location(name or None, message) for name, message in r.problems]
         except Excluded:
@@ -327,17 +327,6 @@ def refuse_media_rows(data: TrainRecords) -> None:
         raise UsageError(f"{len(rows)} row(s) have image or video parts ({named}{more}), and the text recipe would "
                          "train on placeholder words instead of the media; fix: train on text-only rows (this "
                          "version has no vision-language recipe)")
-
-
-def refuse_tools_without_template(tokenizer, records: list[dict]) -> None:
-    """Records with tools need a template that renders them: silently dropping the tools
-    block would train calls of tools the prompt never declares."""
-    from slurmtune.data.tools import TOOL_FAMILIES, template_takes_tools, uses_tools
-    with_tools = sum(1 for r in records if uses_tools(r))
-    if with_tools and not template_takes_tools(own_template(tokenizer)):
-        raise UsageError(f"{with_tools} record(s) use tools, but this model's chat template does not render "
-                         f"a tools list; fix: a model whose template does ({TOOL_FAMILIES}), or "
-                         "model.chat_template=FILE with one that does")
 
 
 def _encode(tokenizer, record: dict, kind: str, loss_on: str) -> tuple[list[int], list[bool], int]:

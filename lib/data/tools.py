@@ -27,6 +27,7 @@ import re
 from typing import Any
 
 from slurmtune.data.records import Problem, json_type
+from slurmtune.errors import UsageError
 
 
 def uses_tools(record: dict) -> bool:
@@ -127,20 +128,10 @@ def parse_arguments(arguments: Any) -> tuple[dict | None, str | None]:
     return arguments, None
 
 
-def template_messages(messages: list[dict]) -> list[dict]:
-    """The calls as chat templates render them: arguments as objects (Qwen's template writes
+def template_calls(calls: list) -> list[dict]:
+    """A turn's calls as chat templates render them: arguments as objects (Qwen's template writes
     ``arguments | tojson``; a string would be quoted twice)."""
-    out = []
-    for m in messages:
-        if "tool_calls" in m:
-            calls = [_template_call(c) for c in m["tool_calls"]]
-            m = {**m, "tool_calls": calls}
-        out.append(m)
-    return out
-
-
-def _template_call(call: dict) -> dict:
-    return {"type": "function", "function": normalize_calls([call])[0]}
+    return [{"type": "function", "function": call} for call in normalize_calls(calls)]
 
 
 TOOL_FAMILIES = "Qwen2.5-Instruct (its template declares tools in the system turn)"
@@ -196,6 +187,17 @@ def expected_calls(record: dict) -> list[dict] | None:
         return None
     calls = final.get("tool_calls")
     return normalize_calls(calls) if isinstance(calls, list) else []
+
+
+def refuse_tools_without_template(tokenizer, records: list[dict]) -> None:
+    """Records with tools need a template that renders them: silently dropping the tools
+    block would train (or ask for) calls of tools the prompt never declares."""
+    from slurmtune.data.templates import own_template
+    with_tools = sum(1 for r in records if uses_tools(r))
+    if with_tools and not template_takes_tools(own_template(tokenizer)):
+        raise UsageError(f"{with_tools} record(s) use tools, but this model's chat template does not render "
+                         f"a tools list; fix: a model whose template does ({TOOL_FAMILIES}), or "
+                         "model.chat_template=FILE with one that does")
 
 
 def template_takes_tools(template: str | None) -> bool:

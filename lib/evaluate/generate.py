@@ -40,7 +40,7 @@ from slurmtune.errors import DataError, UsageError
 from slurmtune.data.jsonio import AtomicFiles, dumps, iter_records
 from slurmtune.data.context import with_context
 from slurmtune.data.records import content_text
-from slurmtune.data.tools import calls_text
+from slurmtune.data.tools import calls_text, refuse_tools_without_template
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -65,7 +65,7 @@ def expected_answer(record: dict) -> str | None:
     messages = record.get("messages")
     if isinstance(messages, list) and messages and messages[-1].get("role") == "assistant":
         final = messages[-1]
-        text = content_text(final.get("content")) if final.get("content") else ""
+        text = content_text(final.get("content"))
         if isinstance(final.get("tool_calls"), list):  # a call turn: the calls as the model writes them
             return "\n".join(t for t in (text, calls_text(final["tool_calls"])) if t)
         return text
@@ -181,8 +181,6 @@ def predict(model, tokenizer, records: list[dict], batch_size: int = 8,
             max_new_tokens: int = 256) -> list[str]:
     """Greedy answers to ``records``, in their order (surrounding whitespace stripped)."""
     from slurmtune.progress import progress
-
-    from slurmtune.data.dataset import refuse_tools_without_template
 
     if batch_size < 1:
         raise UsageError(f"batch_size={batch_size}; expected at least 1")

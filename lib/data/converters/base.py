@@ -88,6 +88,11 @@ class Where:
             return name or None
         return f"{self.record}.{name}" if name else self.record
 
+    @property
+    def place(self) -> str:
+        """``file:line`` (``file:line: evaluations[3]`` in a JSON document), as messages name the row."""
+        return format_location(self.path, self.line, None, self.record) if self.record else f"{self.path}:{self.line}"
+
     def location(self, field: str | None, message: str) -> str:
         """The one-line message ``file:line: field: message`` about this row."""
         return format_location(self.path, self.line, self.field(field), message)
