@@ -117,6 +117,9 @@ class TrainConfig:
     kernels: Literal["default", "liger"] = field_(
         "default", "fused training kernels: liger (liger-kernel's RMSNorm, RoPE, SwiGLU and fused linear "
                    "cross-entropy; GPU only, env/requirements-gpu.txt) or the model's own")
+    gradient_checkpointing: Literal["auto", "on", "off"] = field_(
+        "auto", "recompute activations in the backward pass: far less activation memory for ~1/3 more compute; "
+                "auto: on for GPUs, off on CPU (see `slurmtune estimate`)")
     loss_on: Literal["assistant", "all"] = field_("assistant", "tokens the loss is computed on: the "
                                                                "assistant's answers, or all of each row")
     early_stopping_patience: int = field_(3, "evaluations without a better validation loss before training "

@@ -120,7 +120,7 @@ def test_a_dotted_key_past_a_mapping_field_sets_one_entry(tmp_path):
 # --- one message for a typo, whatever its source ------------------------------------------
 
 TYPO = ("train.lrr: unknown key (did you mean 'lr'?); valid keys of train: method, epochs, max_steps, "
-        "batch_size, grad_accum, lr, warmup_ratio, max_length, packing, kernels, loss_on, early_stopping_patience, "
+        "batch_size, grad_accum, lr, warmup_ratio, max_length, packing, kernels, gradient_checkpointing, loss_on, early_stopping_patience, "
         "save_steps, save_each_epoch, keep_last, seed, resume")
 
 

@@ -61,7 +61,7 @@ from slurmtune.data.dataset import (
 FINAL_FILES_REMOVED = ("training_args.bin", "README.md")  # a pickle and an empty model card
 # Keys that may change between attempts of one run without changing what is trained.
 RESUME_IGNORED = ("slurm", "eval", "description", "output_dir", "train.resume",
-                  "distributed.timeout_s", "distributed.global_batch_size")
+                  "distributed.timeout_s", "distributed.global_batch_size", "train.gradient_checkpointing")
 # The adapter's tensor shapes: a checkpoint cannot be loaded into an adapter built otherwise.
 ADAPTER_SHAPE_KEYS = ("lora.r", "lora.target_modules")
 
@@ -501,7 +501,8 @@ def load_model(cfg: RunConfig, device: Device):
         raise UsageError(f"train.method={method}: {e}; fix: install bitsandbytes, or train.method=lora") from None
     if method in ("qlora", "lora-8bit"):
         from peft import prepare_model_for_kbit_training
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=device.cuda)
+        model = prepare_model_for_kbit_training(model,
+                                                use_gradient_checkpointing=checkpoints_activations(cfg, device.cuda))
     return model
 
 
@@ -554,8 +555,8 @@ def sft_config(cfg: RunConfig, run_dir: Path, device: Device, kind: str, validat
         logging_strategy="steps",
         logging_steps=1,
         report_to=["tensorboard"],
-        # Recomputing activations saves GPU memory; on CPU it only makes tiny runs slower.
-        activation_checkpointing=device.cuda,  # transformers 5.23 name of gradient_checkpointing
+        # transformers 5.23's name of gradient_checkpointing
+        activation_checkpointing=checkpoints_activations(cfg, device.cuda),
         use_cpu=not device.cuda,
         bf16=device.dtype == torch.bfloat16,
         fp16=device.dtype == torch.float16,
@@ -564,6 +565,13 @@ def sft_config(cfg: RunConfig, run_dir: Path, device: Device, kind: str, validat
         disable_tqdm=not sys.stdout.isatty(),
         **distributed,
     )
+
+
+def checkpoints_activations(cfg: RunConfig, on_gpu: bool) -> bool:
+    """train.gradient_checkpointing resolved: auto recomputes on GPUs, where it saves the memory
+    that limits a run; on CPU it would only make small runs slower."""
+    setting = cfg.train.gradient_checkpointing
+    return on_gpu if setting == "auto" else setting == "on"
 
 
 def _deterministic(device: Device) -> Callable[[], None]:
