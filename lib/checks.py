@@ -25,16 +25,20 @@ A doomed job costs a queue wait; here it costs a second. Three layers, cheapest 
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from slurmtune.cluster.profiles import ClusterProfile
+from slurmtune.cluster.profiles import ClusterProfile, GpuFacts, gpu_facts
 from slurmtune.config import RunConfig
 from slurmtune.schema import value_problems
 from slurmtune.errors import SlurmtuneError
 from slurmtune.runs.folder import Run, data_files, has_eval
 from slurmtune.train.distributed import check_distributed, world_size
+
+if TYPE_CHECKING:
+    from slurmtune.train.estimate import Memory
 
 PREVIEW_ROWS = 16  # rows tokenized on the login node
 # GPUs each job kind can use, per node: more is waste that waits longer in the queue.
@@ -331,7 +335,7 @@ def data_problems(sub: Submission) -> list[str]:
     notice = packing_notice(sub.cfg)
     if notice:
         print(notice, file=sys.stderr)
-    return []
+    return estimate_problems(sub, preview)
 
 
 def preview_training(cfg: RunConfig, run_dir: Path | None) -> Preview | None:
@@ -391,6 +395,143 @@ def _converted_preview(cfg: RunConfig) -> tuple[list[dict], str, str]:
                              "cannot train on; fix: a chat output of the converter (e.g. data.options.chat: "
                              "'true' where it has one)")
     return [trainable_body(r) for r in records[:PREVIEW_ROWS]], KIND_OF_FORMAT[fmt], source
+
+
+# --- 4. the memory and time estimate -------------------------------------------------------
+
+@dataclass
+class TrainEstimate:
+    """One training job's estimate (the run's, or a sweep trial's) against its partition's GPU."""
+
+    label: str  # "train", or "sweep trial ID"
+    memory: Memory
+    gpu: GpuFacts | None  # None: trains on CPU
+    fixes: list[str]
+    seconds: float | None = None
+    tokens: float | None = None
+    requeues: int = 0
+    time_min: int = 0
+
+    @property
+    def fits(self) -> bool:
+        usable = self.gpu.usable_bytes if self.gpu else None
+        return usable is None or self.memory.total <= usable
+
+    def lines(self) -> list[str]:
+        from slurmtune.train.estimate import size
+
+        where = "on CPU (host memory)" if self.gpu is None else "per GPU"
+        line = f"estimate: {self.label} needs {self.memory.describe()} {where}"
+        if self.gpu is not None:
+            usable = self.gpu.usable_bytes
+            line += (f" of {size(usable)} usable ({self.gpu.mem_gb:g} GB, {self.gpu.source})" if usable else
+                     "; GPU memory unknown: set gpu_mem_gb (or gpu_type) in the cluster profile to check it")
+        lines = [line]
+        if self.seconds is not None:
+            lines.append(f"estimate: {self.label} takes ~{_duration(self.seconds)} for ~{self.tokens:,.0f} tokens "
+                         f"({self.gpu.tflops:g} TFLOP/s per GPU, {self.gpu.source})")
+        return lines
+
+    def problem(self) -> str | None:
+        if self.fits:
+            return None
+        from slurmtune.train.estimate import size
+
+        fix = ("; fix, each alone fits: " + " | ".join(self.fixes)) if self.fixes else \
+            "; no single setting fits it: use a partition with bigger GPUs (or several GPUs with ZeRO-3)"
+        return (f"{self.label}: estimated {self.memory.describe()} per GPU, more than the "
+                f"{size(self.gpu.usable_bytes)} usable of a {self.gpu.mem_gb:g} GB GPU ({self.gpu.source}){fix}")
+
+    def warning(self) -> str | None:
+        if not self.requeues:
+            return None
+        return (f"warning: {self.label} is estimated at ~{_duration(self.seconds)} but slurm.time_min="
+                f"{self.time_min}: it will be requeued ~{self.requeues} time(s) (it resumes from its checkpoints); "
+                f"fix: slurm.time_min={math.ceil(self.seconds / 60 * 1.2)} if the partition allows it")
+
+
+def estimate_problems(sub: Submission, preview: Preview, always: bool = False) -> list[str]:
+    """Print each training job's estimate; a GPU run that cannot fit is a problem, a time limit
+    shorter than the estimate a warning. ``always``: also when no GPU is known (``slurmtune
+    estimate``); `run` prints nothing then, the local machine training on CPU."""
+    import sys
+
+    problems = []
+    for est in train_estimates(sub, preview, always):
+        for line in est.lines() + [est.warning()]:
+            if line:
+                print(line, file=sys.stderr)
+        problems += [est.problem()] if est.problem() else []
+    return problems
+
+
+def train_estimates(sub: Submission, preview: Preview, always: bool = False) -> list[TrainEstimate]:
+    from slurmtune.train.estimate import Setting, estimate_memory, fixes, model_shape, requeues, train_seconds
+
+    on_gpu = _estimates_gpu(sub)
+    if not on_gpu and not always:
+        return []
+    gpu = gpu_facts(sub.profile) if on_gpu else None
+    configs = [(f"sweep trial {t.id}", t.config) for t in sub.trials] or [("train", sub.cfg)]
+    rows = _training_rows(sub.cfg, sub.existing.dir if sub.existing else None)
+    report = preview.report or {}
+    per_row = min(report.get("tokens", 0) / max(1, report.get("rows", 1)), sub.cfg.train.max_length)
+    shapes: dict = {}
+    out = []
+    for label, cfg in configs:
+        key = (cfg.lora.r, tuple(cfg.lora.target_modules))
+        shape = shapes[key] = shapes.get(key) or model_shape(cfg)
+        setting = Setting.of(cfg, on_gpu)
+        est = TrainEstimate(label, estimate_memory(shape, setting), gpu,
+                            fixes(shape, setting, gpu.usable_bytes) if gpu and gpu.usable_bytes else [])
+        if gpu and gpu.tflops and rows and per_row:
+            est.tokens = _trained_tokens(cfg, rows, per_row)
+            est.seconds = train_seconds(shape, setting, est.tokens, gpu.tflops)
+            est.time_min = cfg.slurm.time_min
+            est.requeues = requeues(est.seconds, cfg.slurm.time_min, sub.profile.signal_lead_s)
+        out.append(est)
+    return out
+
+
+def _estimates_gpu(sub: Submission) -> bool:
+    """Whether the train job runs on a GPU: on SLURM as the manifest asks; here if this machine has one."""
+    if _trains_on_cpu(sub.cfg):
+        return False
+    if sub.executor == "slurm":
+        return True
+    import torch
+    return torch.cuda.is_available()
+
+
+def _trained_tokens(cfg: RunConfig, rows: int, per_row: float) -> float:
+    t = cfg.train
+    if t.max_steps > 0:
+        return t.max_steps * t.batch_size * t.grad_accum * world_size(cfg) * per_row
+    return t.epochs * rows * per_row
+
+
+def _training_rows(cfg: RunConfig, run_dir: Path | None) -> int | None:
+    """Rows the train job will read: lines of the training files, or the raw inputs' rows (times
+    data.split) when convert has not written them yet."""
+    files, _ = data_files(cfg, run_dir or ".")
+    if files and all(Path(f).is_file() for f in files):
+        return sum(_lines(Path(f)) for f in files)
+    if not cfg.data.inputs:
+        return None
+    from slurmtune.data.converters import get_converter
+
+    converter = get_converter(cfg.data.format)(**cfg.data.options)
+    rows = sum(1 for _, item in converter.rows([Path(p) for p in cfg.data.inputs]) if not item.error)
+    return int(rows * (cfg.data.split or 1))
+
+
+def _lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{max(1, round(seconds / 60))} min"
 
 
 def _unique(items: Iterable[str]) -> list[str]:

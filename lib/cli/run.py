@@ -24,6 +24,7 @@ def add_commands(sub, argv: list[str]) -> None:
     _add_run(sub)
     _add_submit(sub)
     _add_sweep(sub)
+    _add_estimate(sub)
 
 
 def _where_flags(p: argparse.ArgumentParser) -> None:
@@ -218,6 +219,39 @@ def _sweep_submit(args) -> int:
         submit_trials(run, list(range(len(trials))), executor, profile, _max_array(executor, profile),
                       dry_run=args.dry_run, hold=args.hold)
     return _after_submit(run, executor, args, f"slurmtune sweep status {run.run_id}")
+
+
+def _add_estimate(sub) -> None:
+    p = sub.add_parser("estimate", help="GPU memory and time of a manifest's train job (or each sweep "
+                                        "trial's), against its cluster's GPUs; submits nothing",
+                       description="Exits 1 when the estimate does not fit the partition's GPUs, "
+                                   "printing the settings that would.")
+    p.add_argument("manifest")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.add_argument("--cluster", metavar="NAME", help="cluster profile in slurm/ (or a YAML path)")
+    p.set_defaults(func=_estimate, executor=None)
+
+
+def _estimate(args) -> int:
+    """The train job's estimate as `run` prints it before submitting, for the GPU of the
+    manifest's cluster profile (or this machine's), also when no memory is known."""
+    from slurmtune.checks import Submission, estimate_problems, job_problems, preview_training, raise_problems
+    from slurmtune.jobs.pipeline import plan_sweep
+
+    cfg = _manifest(args.manifest, args.overrides, args)
+    profile = _profile(cfg, args)
+    executor = "slurm" if (args.cluster or cfg.slurm.cluster) else "local"
+    sw = cfg.sweep
+    trials = plan_sweep(cfg, Path(args.manifest).resolve().parent)[0] \
+        if sw.trials or sw.grid or sw.paired or sw.random else []
+    raise_problems(job_problems(cfg, "train"), "cannot estimate")
+    preview = preview_training(cfg, None)
+    if preview is None:
+        raise UsageError("nothing to estimate from: the training data is written by an earlier step")
+    raise_problems(estimate_problems(Submission(cfg, [], profile, executor, trials=trials), preview, always=True),
+                   "does not fit")
+    print("fits: nothing was submitted")
+    return 0
 
 
 def _profile(cfg: RunConfig, args) -> ClusterProfile:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from slurmtune.cluster import slurm
 from slurmtune.cluster.profiles import ClusterProfile
+from slurmtune.errors import SlurmtuneError
 
 
 @dataclass
@@ -110,3 +112,61 @@ def _environment(profile: ClusterProfile | None) -> list[Finding]:
             found.append(Finding("ok", f"{name} is set in this shell; slurmtune never writes it to scripts, "
                                        "run folders or logs"))
     return found
+
+
+# --- the probe job -----------------------------------------------------------------------
+
+PROBE_TIME_MIN = 10
+WAITING = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED"}
+
+
+def probe(profile: ClusterProfile, gpus: int, executor: str, wait_min: int, echo=print) -> dict:
+    """Run the probe where train jobs run (a job on the profile's GPU partition, or here with
+    the local executor), wait for it, and keep its result in the profile's cache folder."""
+    from slurmtune.cluster.probe import ProbeJob, probe_path, read_probe
+
+    path = probe_path(profile)
+    job = ProbeJob(str(path), gpus, profile.env.get("HF_HOME"))
+    if executor != "slurm":
+        job()
+        return read_probe(profile)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = path.parent / "probe-jobs" / f"{profile.name}-{stamp}"
+    (folder / "slurm").mkdir(parents=True, mode=0o700)
+    path.unlink(missing_ok=True)  # what is read back is this job's answer, or nothing
+    request = slurm.Request(job_name=f"slurmtune-probe-{profile.name}", time_min=PROBE_TIME_MIN,
+                            gpus_per_node=gpus, partition=profile.partition)
+    job_id = slurm.submit("slurm", folder / "slurm", profile, request, job).job_ids[0]
+    echo(f"probe job {job_id} submitted to {profile.partition or 'the default partition'}; waiting for it "
+         f"(at most {wait_min} min; its log: {folder / 'slurm'})")
+    state = _wait(job_id, wait_min, echo)
+    result = read_probe(profile)
+    if result is None:
+        tail = _log_tail(folder / "slurm" / f"{job_id}_0_log.err")
+        raise SlurmtuneError(f"probe job {job_id} ended {state} without a result" + (f"; its log ends: {tail}"
+                                                                                     if tail else ""))
+    return result
+
+
+def _wait(job_id: str, wait_min: int, echo) -> str:
+    deadline, said = time.monotonic() + wait_min * 60, None
+    while True:
+        state = slurm.job_states([job_id])[job_id].state
+        if state not in WAITING:
+            return state
+        if state != said:
+            echo(f"probe job {job_id}: {state}")
+            said = state
+        if time.monotonic() > deadline:
+            raise SlurmtuneError(f"probe job {job_id} still {state} after {wait_min} min; it keeps running: "
+                                 f"`slurmtune doctor --cluster NAME --probe` again reads its result once it ends, "
+                                 f"or scancel {job_id}")
+        time.sleep(2)
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""

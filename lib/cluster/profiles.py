@@ -20,7 +20,7 @@ from typing import Literal
 import yaml
 
 from slurmtune import SOURCE_ROOT
-from slurmtune.schema import at_least, build, field_
+from slurmtune.schema import above, at_least, build, field_
 from slurmtune.errors import UsageError
 
 PROFILE_DIR = SOURCE_ROOT / "slurm"
@@ -44,6 +44,13 @@ class ClusterProfile:
                                                                    "--gres=gpu[:type]:N or --gpus-per-node=N")
     gpu_type: str | None = field_(None, "GPU type in the request, e.g. a40, v100; null: any")
     constraint: str | None = field_(None, "node features the jobs need (--constraint)")
+    gpu_mem_gb: float | None = field_(None, "memory of one GPU of the partition, in GB as its maker states it "
+                                            "(80 for an 80 GB A100); null: from gpu_type when it names a known "
+                                            "GPU. Train jobs whose estimate does not fit are refused",
+                                      above(0, "a positive size"))
+    gpu_tflops: float | None = field_(None, "dense bf16 TFLOP/s of one GPU (fp16 where it has no bf16), for "
+                                            "time estimates; null: from gpu_type when it names a known GPU",
+                                      above(0, "a positive rate"))
     cpus_per_gpu: int = field_(4, "CPU cores per GPU of a GPU job", at_least(1))
     mem_gb_per_gpu: int = field_(32, "memory per GPU of a GPU job, in GB", at_least(1))
     cpus_per_cpu_job: int = field_(2, "CPU cores of a CPU-only job", at_least(1))
@@ -61,6 +68,8 @@ class ClusterProfile:
     shared_prefixes: list[str] = field_([], "paths visible from every node")
     require_shared_paths: bool = field_(False, "refuse model and data paths outside shared_prefixes")
     python: str | None = field_(None, "python on the nodes; null: the one submitting")
+    cache_dir: str | None = field_(None, "folder for what slurmtune learns about this cluster (the results of "
+                                         "`doctor --probe`); null: ~/.cache/slurmtune")
     run_group: str | None = field_(None, "group that may read run folders (0750, setgid); null: owner "
                                          "only (0700). Never group-writable: jobs refuse to start from a "
                                          "folder others can write into")
@@ -86,6 +95,67 @@ class ClusterProfile:
             key, sep, value = flag[2:].partition("=")
             extras[key.replace("-", "_")] = value if sep else True
         return extras
+
+
+# Memory (GB, as sold) and dense bf16 TFLOP/s (fp16 for V100 and T4, which lack bf16) of GPUs
+# by the names sites give them in gres types. Names with several sizes (A100) are left out
+# unless the type says its size ("a100_80gb"): a wrong guess would refuse runs that fit.
+KNOWN_GPUS = {"h200": (141, 989), "h100": (80, 989), "l40s": (48, 362), "l40": (48, 181), "a40": (48, 150),
+              "a6000": (48, 155), "a100": (None, 312), "a10": (24, 125), "l4": (24, 121), "v100": (None, 125),
+              "t4": (16, 65)}
+
+
+@dataclass(frozen=True)
+class GpuFacts:
+    """One GPU of the partition, for the estimates; ``source`` says where the numbers came from."""
+
+    mem_gb: float | None
+    tflops: float | None
+    source: str
+
+    @property
+    def usable_bytes(self) -> float | None:
+        """What a training process can fill: the CUDA context and cuBLAS workspaces take about
+        0.75 GiB, and the caching allocator loses ~5% to fragmentation."""
+        return None if self.mem_gb is None else (self.mem_gb - 0.75) * 0.95 * 2**30
+
+
+def gpu_facts(profile: ClusterProfile) -> GpuFacts:
+    """The partition's GPU: what the profile states, else what `doctor --probe` measured, else
+    what its gpu_type is known to be."""
+    from slurmtune.cluster.probe import probe_facts, read_probe
+
+    probe = read_probe(profile)
+    probed = probe_facts(probe) if probe else (None, None)
+    known = _known_gpu(profile.gpu_type)
+    values, sources = [], []
+    for stated, name, measured, typical in ((profile.gpu_mem_gb, "gpu_mem_gb", probed[0], known[0]),
+                                           (profile.gpu_tflops, "gpu_tflops", probed[1], known[1])):
+        if stated is not None:
+            values.append(stated)
+            sources.append(name)
+        elif measured is not None:
+            values.append(measured)
+            sources.append(f"probe of {probe.get('when', '?')[:10]}")
+        else:
+            values.append(typical)
+            sources.append(f"gpu_type {profile.gpu_type}" if typical is not None else "")
+    source = ", ".join(dict.fromkeys(s for s in sources if s)) or "nothing known"
+    return GpuFacts(values[0], values[1], f"profile {profile.name}: {source}")
+
+
+def _known_gpu(gpu_type: str | None) -> tuple[float | None, float | None]:
+    """("a100_80gb" | "A100-SXM4-80GB" | "nvidia_h100" | "l40s") -> (GB or None, TFLOP/s or None)."""
+    if not gpu_type:
+        return None, None
+    text = gpu_type.lower()
+    name = re.sub(r"[^a-z0-9]", "", text).removeprefix("nvidia").removeprefix("rtx")
+    sized = re.search(r"[-_ ](\d+)\s*gb?$", text)
+    for known in sorted(KNOWN_GPUS, key=len, reverse=True):  # l40s before l40, a100 before a10
+        if name.startswith(known):
+            mem, tflops = KNOWN_GPUS[known]
+            return (float(sized.group(1)) if sized else mem), tflops
+    return None, None
 
 
 def profile_names() -> list[str]:

@@ -126,6 +126,11 @@ def make_tiny_model(
     return out_dir
 
 
+def tiny_config(arch: str = "llama", hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4):
+    """The config `make_tiny_model` gives the model it builds (no weights, no files)."""
+    return _model_config(arch, build_tokenizer(), hidden_size, num_layers, num_heads)
+
+
 def ensure_model(model) -> Path:
     """The folder of ``model`` (a manifest's ModelConfig), with a tiny model built there first
     when ``model.tiny_arch`` asks for one and none is there yet (demos, tests)."""
