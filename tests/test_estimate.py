@@ -231,3 +231,16 @@ def test_the_probe_job_on_the_cluster_completes_and_run_reads_it_back(slurm_clus
     run = cli("run", _mistral_manifest(tmp_path, method="qlora"), "--cluster", profile, "--dry-run")
     assert run.code == 0, run.err
     assert "GPU memory unknown" in run.err  # the probe found no GPU: nothing to check against, no error
+
+
+def test_the_gpu_bench_runs_end_to_end_on_cpu(tmp_path):
+    import subprocess
+
+    out = tmp_path / "gpu.txt"
+    p = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--cpu-smoke", "--out", str(out), "--keep",
+                        str(tmp_path / "work")], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    table = out.read_text(encoding="utf-8").splitlines()
+    assert [line.split()[0] for line in table[2:5]] == ["lora", "padded", "zero2"]
+    assert all(float(line.split()[1].replace(",", "")) > 0 for line in table[2:5])  # trained tokens/s
+    assert "skipped qlora: GPU only" in table and "skipped packed: GPU only" in table
