@@ -7,7 +7,7 @@
 
     job_problems(cfg, "train")   # what the train job checks again on its node: the same function
 
-A doomed job costs a queue wait; here it costs a second. Three layers, cheapest first:
+A doomed job costs a queue wait; here it costs a second. Four layers, cheapest first:
 
 1. ``job_problems``: the values, paths and resources of one job kind, from its config
    alone. The login node runs it for every job a command will submit (each trial of a
@@ -20,6 +20,10 @@ A doomed job costs a queue wait; here it costs a second. Three layers, cheapest 
    training will see them. A run that starts from raw data (``data.inputs``) has them
    converted here in memory first, so a template or format problem fails now, not in
    the train job after convert and validate have run.
+4. the estimate: each train job's peak GPU memory (slurmtune.train.estimate, from the
+   model's config) against the partition's GPU (the profile, its probe or its gpu_type); a
+   run that cannot fit is refused with the settings that would, a time limit shorter than
+   the estimated time is a warning.
 """
 
 from __future__ import annotations
@@ -461,7 +465,8 @@ def estimate_problems(sub: Submission, preview: Preview, always: bool = False) -
         for line in est.lines() + [est.warning()]:
             if line:
                 print(line, file=sys.stderr)
-        problems += [est.problem()] if est.problem() else []
+        problem = est.problem()
+        problems += [problem] if problem else []
     return problems
 
 
@@ -473,9 +478,9 @@ def train_estimates(sub: Submission, preview: Preview, always: bool = False) -> 
         return []
     gpu = gpu_facts(sub.profile) if on_gpu else None
     configs = [(f"sweep trial {t.id}", t.config) for t in sub.trials] or [("train", sub.cfg)]
-    rows = _training_rows(sub.cfg, sub.existing.dir if sub.existing else None)
+    rows = _training_rows(sub.cfg, sub.existing.dir if sub.existing else None) if gpu and gpu.tflops else None
     report = preview.report or {}
-    per_row = min(report.get("tokens", 0) / max(1, report.get("rows", 1)), sub.cfg.train.max_length)
+    mean_row = report.get("tokens", 0) / max(1, report.get("rows", 1))
     shapes: dict = {}
     out = []
     for label, cfg in configs:
@@ -484,8 +489,8 @@ def train_estimates(sub: Submission, preview: Preview, always: bool = False) -> 
         setting = Setting.of(cfg, on_gpu)
         est = TrainEstimate(label, estimate_memory(shape, setting), gpu,
                             fixes(shape, setting, gpu.usable_bytes) if gpu and gpu.usable_bytes else [])
-        if gpu and gpu.tflops and rows and per_row:
-            est.tokens = _trained_tokens(cfg, rows, per_row)
+        if rows and mean_row:
+            est.tokens = _trained_tokens(cfg, rows, min(mean_row, cfg.train.max_length))
             est.seconds = train_seconds(shape, setting, est.tokens, gpu.tflops)
             est.time_min = cfg.slurm.time_min
             est.requeues = requeues(est.seconds, cfg.slurm.time_min, sub.profile.signal_lead_s)
