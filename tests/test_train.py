@@ -307,14 +307,27 @@ def test_quantized_methods_train_on_cpu(method, layer, tiny, data, tmp_path):
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses.values())
 
 
-def test_packing_runs_padding_free_with_the_chosen_attention(tiny, data, tmp_path):
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_packing_runs_padding_free_and_packed_rows_never_attend_to_each_other(tiny, data, tmp_path, attention):
+    import torch
+
     def packed(trainer):
         batch = next(iter(trainer.get_train_dataloader()))
         assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch  # rows side by side, no padding
-        assert trainer.model.config._attn_implementation == "eager"
+        assert trainer.model.config._attn_implementation == attention
+        ids, positions = batch["input_ids"], batch["position_ids"]
+        starts = [i for i in range(ids.shape[1]) if positions[0, i] == 0] + [ids.shape[1]]
+        assert len(starts) > 2  # several rows in the first batch
+        model = trainer.model.eval()  # no dropout: the same numbers both ways
+        with torch.no_grad():  # as TRL's compute_loss calls it: no cache, the rows told by position_ids
+            together = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+            alone = torch.cat([model(input_ids=ids[:, a:b], use_cache=False).logits
+                               for a, b in zip(starts, starts[1:])], dim=1)
+        model.train()
+        assert torch.allclose(together, alone, atol=1e-5), (together - alone).abs().max()
 
     cfg = make_cfg(tiny, packing=True, max_steps=3)
-    cfg.model.attn_implementation = "eager"
+    cfg.model.attn_implementation = attention
     outcome = run_recipe(cfg, tmp_path / "run", [data["train"]], packed)
     assert outcome.status == "completed"
     assert all(math.isfinite(v) for v in logged_losses(outcome.checkpoint).values())
