@@ -380,6 +380,18 @@ def test_lineage_records_data_config_versions_and_no_environment(baseline, data)
     assert os.environ["PATH"] not in text and "HF_HUB_OFFLINE" not in text
 
 
+def test_the_job_logs_its_memory_estimate_and_keeps_it_in_the_lineage(baseline, tiny):
+    from slurmtune.train.estimate import Setting, estimate_memory, model_shape, size
+
+    run_dir, outcome = baseline
+    cfg = make_cfg(tiny)
+    estimate = estimate_memory(model_shape(cfg), Setting.of(cfg, on_gpu=False))
+    memory = json.loads((outcome.final_dir / "lineage.json").read_text())["memory"]
+    assert memory["estimate_bytes"] == estimate.total and memory["estimate"]["weights"] == estimate.weights
+    assert memory["peak_allocated_bytes"] is None  # CPU: no allocator statistics
+    assert f"estimate: {size(estimate.total)} (weights" in (run_dir / "training.log").read_text()
+
+
 def test_a_field_added_to_the_schema_does_not_block_resume():
     from slurmtune.config import RunConfig
     from slurmtune.schema import to_dict

@@ -46,7 +46,8 @@ REDACTED = "<redacted>"
 
 
 def write_lineage(adapter_dir: str | Path, cfg, data_files: list[str], conversion_summary: dict | None,
-                  sbatch_script: str | None, seeds: dict, started_at: str | None = None) -> Path:
+                  sbatch_script: str | None, seeds: dict, started_at: str | None = None,
+                  memory: dict | None = None) -> Path:
     from slurmtune.data.dataset import count_rows, file_sha256
 
     config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
@@ -59,6 +60,7 @@ def write_lineage(adapter_dir: str | Path, cfg, data_files: list[str], conversio
         "packages": package_versions(),
         "sbatch_script": redact(sbatch_script) if sbatch_script is not None else None,
         "seeds": dict(seeds),
+        "memory": memory,  # the estimate and, on a GPU, the peak this attempt allocated
         "python": platform.python_version(),
         "hostname": socket.gethostname(),
         "started_at": started_at,

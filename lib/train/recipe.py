@@ -36,6 +36,7 @@ and the Trainer skips the batches already trained in the current epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -190,6 +191,7 @@ class TrainingRecipe:
                       f"preflight: {report['trained_tokens']}/{report['tokens']} tokens trained "
                       f"({report['trained_share']:.0%}) in the first {report['rows']} rows")
         self.trainer = self._build_trainer(data.kind, train_dataset, eval_dataset)
+        self.memory = memory_estimate(self.cfg, self.device, self.log)
         dropped = len(data.records) - len(self.trainer.train_dataset)
         if dropped > 0 and not self.cfg.train.packing:  # TRL drops rows truncation left untrained
             self.log.line(f"warning: {dropped} row(s) have no trained token within max_length "
@@ -376,7 +378,7 @@ class TrainingRecipe:
                 (tmp / name).unlink(missing_ok=True)
             write_lineage(tmp, self.config, [f.path for f in self.data_files], self.conversion_summary,
                           self.sbatch_script, seeds={"seed": self.cfg.train.seed, "data_seed": self.cfg.data.seed},
-                          started_at=self.started_at)
+                          started_at=self.started_at, memory=self.memory.measured(self.log))
             replace_dir(tmp, final)
         trainer.accelerator.wait_for_everyone()
         return final
@@ -385,6 +387,39 @@ class TrainingRecipe:
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
+
+
+@dataclass
+class MemoryRecord:
+    """The train job's memory estimate, beside what the GPU allocated at its peak (lineage.json)."""
+
+    estimate: object  # slurmtune.train.estimate.Memory
+    cuda: bool
+
+    def measured(self, log: "TrainingLog") -> dict:
+        from slurmtune.train.estimate import size
+
+        record = {"estimate_bytes": self.estimate.total, "estimate": dataclasses.asdict(self.estimate),
+                  "peak_allocated_bytes": None}
+        if self.cuda:
+            import torch
+            peak = torch.cuda.max_memory_allocated()
+            record["peak_allocated_bytes"] = peak
+            log.line(f"peak GPU memory {size(peak)} allocated, estimate {size(self.estimate.total)} "
+                     f"(estimate / peak {self.estimate.total / max(peak, 1):.2f})")
+        return record
+
+
+def memory_estimate(cfg: RunConfig, device: "Device", log: "TrainingLog") -> MemoryRecord:
+    """The estimate `run` printed, again on the node, logged; on a GPU, its peak counter reset."""
+    from slurmtune.train.estimate import Setting, estimate_memory, model_shape
+
+    memory = estimate_memory(model_shape(cfg), Setting.of(cfg, on_gpu=device.cuda))
+    log.line(f"estimate: {memory.describe()} {'per GPU' if device.cuda else 'in memory (CPU)'}")
+    if device.cuda:
+        import torch
+        torch.cuda.reset_peak_memory_stats()
+    return MemoryRecord(memory, device.cuda)
 
 
 def _summary_beside(data_file: str) -> dict | None:
