@@ -461,7 +461,11 @@ def estimate_problems(sub: Submission, preview: Preview, always: bool = False) -
     import sys
 
     problems = []
-    for est in train_estimates(sub, preview, always):
+    try:
+        estimates = train_estimates(sub, preview, always)
+    except SlurmtuneError as e:
+        return [f"train: {e}"]
+    for est in estimates:
         for line in est.lines() + [est.warning()]:
             if line:
                 print(line, file=sys.stderr)

@@ -244,3 +244,22 @@ def test_the_gpu_bench_runs_end_to_end_on_cpu(tmp_path):
     assert [line.split()[0] for line in table[2:5]] == ["lora", "padded", "zero2"]
     assert all(float(line.split()[1].replace(",", "")) > 0 for line in table[2:5])  # trained tokens/s
     assert "skipped qlora: GPU only" in table and "skipped packed: GPU only" in table
+
+
+def test_a_vision_language_model_is_estimated_from_its_config():
+    cfg = make_cfg(REPO.parent / "shared" / "models" / "qwen2.5-vl-instruct", method="lora", batch_size=1,
+                   max_length=2048)
+    shape = model_shape(cfg)
+    assert shape.params == 8_292_166_656  # Qwen2.5-VL-7B with its vision tower, as published
+    assert (shape.layers, shape.hidden, shape.vocab) == (28, 3584, 152064)  # the language model's
+    assert 0.999 < shape.quantizable / (28 * shape.largest_layer) < 1  # the decoder's linear weights only
+    memory = estimate_memory(shape, Setting.of(cfg, on_gpu=True))
+    assert 16e9 < memory.weights < 17e9  # bf16, tower included
+
+
+def test_a_model_transformers_cannot_train_is_one_line(tmp_path):
+    from slurmtune.errors import UsageError
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip"}), encoding="utf-8")
+    with pytest.raises(UsageError, match="cannot build a 'clip' model for training"):
+        model_shape(make_cfg(tmp_path))

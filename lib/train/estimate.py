@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from slurmtune.config import RunConfig
+from slurmtune.errors import UsageError
 
 GIB = 2**30
 # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE and trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
@@ -132,11 +133,10 @@ def model_shape(cfg: RunConfig) -> ModelShape:
     """The model of ``cfg`` built on PyTorch's meta device (shapes only, ~1 s for 7B), so any
     architecture transformers knows is measured the same way."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     config = _model_config(cfg)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = _meta_model(config, cfg.model.path)
     text = config.get_text_config()
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -163,6 +163,21 @@ def model_shape(cfg: RunConfig) -> ModelShape:
         kv_dim=getattr(text, "num_key_value_heads", heads) * head_dim, heads=heads, vocab=text.vocab_size,
         lora_params=lora_params, lora_inputs=sum(first), lora_modules=len(first),
         largest_layer=max(layer_params.values(), default=0))
+
+
+def _meta_model(config, path: str):
+    """A causal LM, or an image-text-to-text model (Qwen2.5-VL, Mistral3): its language model is
+    what LoRA trains; its vision tower counts as frozen weights."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        try:
+            return auto.from_config(config)
+        except ValueError:
+            continue
+    raise UsageError(f"model.path: {path}: transformers cannot build a {config.model_type!r} model for "
+                     "training (neither a causal LM nor an image-text-to-text model); expected a model "
+                     "folder of such an architecture")
 
 
 def _model_config(cfg: RunConfig):
