@@ -140,29 +140,36 @@ def model_shape(cfg: RunConfig) -> ModelShape:
     text = config.get_text_config()
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    decoder = _decoder_layers(model, text.num_hidden_layers)
     targets = set(cfg.lora.target_modules)
     quantizable = lora_params = 0
-    adapted: dict[int, list[int]] = {}  # layer index -> in_features of its adapted modules
-    layer_params: dict[int, int] = {}
-    for name, module in model.named_modules():
-        layer = _layer_index(name)
-        if layer is None:
-            continue
-        if isinstance(module, torch.nn.Linear):
-            quantizable += module.weight.numel()
-            if name.rsplit(".", 1)[-1] in targets:
-                lora_params += cfg.lora.r * (module.in_features + module.out_features)
-                adapted.setdefault(layer, []).append(module.in_features)
-        if name.endswith(f"layers.{layer}"):
-            layer_params[layer] = sum(p.numel() for p in module.parameters())
-    first = adapted.get(0, [])
+    first: list[int] = []  # in_features of the adapted modules of the first layer
+    for index, layer in enumerate(decoder):
+        for name, module in layer.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                quantizable += module.weight.numel()
+                if name.rsplit(".", 1)[-1] in targets:
+                    lora_params += cfg.lora.r * (module.in_features + module.out_features)
+                    first += [module.in_features] if index == 0 else []
     return ModelShape(
         name=Path(cfg.model.path).name or (cfg.model.tiny_arch or "model"),
         params=sum(p.numel() for p in model.parameters()), quantizable=quantizable,
         layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size,
         kv_dim=getattr(text, "num_key_value_heads", heads) * head_dim, heads=heads, vocab=text.vocab_size,
         lora_params=lora_params, lora_inputs=sum(first), lora_modules=len(first),
-        largest_layer=max(layer_params.values(), default=0))
+        largest_layer=max((sum(p.numel() for p in layer.parameters()) for layer in decoder), default=0))
+
+
+def _decoder_layers(model, count: int):
+    """The language model's decoder layers: the ``...layers`` list of ``count`` blocks outside any
+    vision tower (Pixtral's tower has a ``layers`` list too; LoRA and quantization count only these)."""
+    import torch
+
+    for name, module in model.named_modules():
+        if (isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers"
+                and len(module) == count and not any(v in name for v in ("vision", "visual"))):
+            return module
+    raise UsageError(f"cannot find the {count} decoder layers of {type(model).__name__} to estimate its memory")
 
 
 def _meta_model(config, path: str):
@@ -188,15 +195,6 @@ def _model_config(cfg: RunConfig):
         return AutoConfig.from_pretrained(path, local_files_only=True)
     from slurmtune.train.tiny_model import tiny_config
     return tiny_config(cfg.model.tiny_arch or "llama")
-
-
-def _layer_index(name: str) -> int | None:
-    """The decoder layer a module name belongs to (``model.layers.3.mlp.up_proj`` -> 3)."""
-    parts = name.split(".")
-    for before, part in zip(parts, parts[1:]):
-        if before == "layers" and part.isdigit():
-            return int(part)
-    return None
 
 
 def estimate_memory(shape: ModelShape, s: Setting) -> Memory:
