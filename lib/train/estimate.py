@@ -176,12 +176,18 @@ def _meta_model(config, path: str):
     """A causal LM, or an image-text-to-text model (Qwen2.5-VL, Mistral3): its language model is
     what LoRA trains; its vision tower counts as frozen weights."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.integrations import deepspeed
 
-    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
-        try:
-            return auto.from_config(config)
-        except ValueError:
-            continue
+    zero3 = deepspeed._hf_deepspeed_config_weak_ref  # set by DeepSpeed training arguments in this process
+    deepspeed.unset_hf_deepspeed_config()  # else the meta model is built as ZeRO-3 partitions
+    try:
+        for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+            try:
+                return auto.from_config(config)
+            except ValueError:
+                continue
+    finally:
+        deepspeed._hf_deepspeed_config_weak_ref = zero3
     raise UsageError(f"model.path: {path}: transformers cannot build a {config.model_type!r} model for "
                      "training (neither a causal LM nor an image-text-to-text model); expected a model "
                      "folder of such an architecture")

@@ -190,8 +190,9 @@ class TrainingRecipe:
                       f"method {self.cfg.train.method} on {self.device.name}, {template}; "
                       f"preflight: {report['trained_tokens']}/{report['tokens']} tokens trained "
                       f"({report['trained_share']:.0%}) in the first {report['rows']} rows")
-        self.trainer = self._build_trainer(data.kind, train_dataset, eval_dataset)
+        # Before the trainer: under ZeRO-3 its arguments make every model build a partitioned one.
         self.memory = memory_estimate(self.cfg, self.device, self.log)
+        self.trainer = self._build_trainer(data.kind, train_dataset, eval_dataset)
         dropped = len(data.records) - len(self.trainer.train_dataset)
         if dropped > 0 and not self.cfg.train.packing:  # TRL drops rows truncation left untrained
             self.log.line(f"warning: {dropped} row(s) have no trained token within max_length "
