@@ -77,7 +77,7 @@ def child(args: argparse.Namespace) -> dict:
         f"train.max_steps={args.max_steps}", f"train.save_steps={args.save_steps}", "train.keep_last=2",
         "train.warmup_ratio=0", "lora.dropout=0.0", f"distributed.gpus_per_node={procs}",
         "distributed.device=cpu"])
-    probe = Probe()
+    probe = harness.StepProbe()
     recipe = TrainingRecipe(cfg, args.run_dir, [str(args.train_file)], None, deepspeed=deepspeed,
                             callbacks=(probe.callback(),))
     try:
@@ -93,37 +93,6 @@ def child(args: argparse.Namespace) -> dict:
             "setup_s": setup_s, "step_s": probe.step_s, "save_s": probe.save_s, "trained": probe.trained,
             "checkpoints": [p.name for p in checkpoints],
             "shards_complete": all(not missing_rank_files(m["files"], m) for m in markers if "world_size" in m)}
-
-
-class Probe:
-    """Step times, trained tokens and checkpoint save times of one process."""
-
-    def __init__(self):
-        self.step_s: list[float] = []
-        self.save_s: list[float] = []
-        self.trained = 0
-        self._t0 = 0.0
-
-    def callback(self):
-        from transformers import TrainerCallback
-
-        probe = self
-
-        class Timer(TrainerCallback):
-            def on_train_begin(self, args, state, control, model=None, **kwargs):
-                model.register_forward_pre_hook(probe.count, with_kwargs=True)
-
-            def on_step_begin(self, args, state, control, **kwargs):
-                probe._t0 = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                probe.step_s.append(time.perf_counter() - probe._t0)
-
-        return Timer()
-
-    def count(self, module, args, kwargs):
-        if module.training:
-            self.trained += int((kwargs["labels"] != -100).sum())
 
 
 # --- parent ----------------------------------------------------------------------------

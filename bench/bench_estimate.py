@@ -7,11 +7,12 @@
 
 Each setting builds a tiny Llama (hidden 128 or 256, 4 layers, the tiny tokenizer's 2,048
 words), trains one optimizer step of batch 2 through ``slurmtune.train.recipe.TrainingRecipe``
-(LoRA r 8 on q/k/v/o, rows longer than max_length so every batch is full) and measures the peak
-of live tensor bytes with ``slurmtune.train.estimate.TensorMemory`` plus the weights held before.
-The estimate is ``estimate_memory(model_shape(cfg), Setting.of(cfg, on_gpu=False))`` for the same
-config: the ratio estimate / measured is printed for max_length 256, 512 and 1024, with and
-without gradient checkpointing. Exit 1 when a ratio leaves 0.9-1.1 (the test's tolerance).
+(LoRA r 8 on q/k/v/o, rows longer than max_length so every batch is full) and measures its peak
+with ``slurmtune.train.estimate.measured_peak``: the weights held plus the peak of the tensors
+made, counted by ``TensorMemory``. The estimate is ``estimate_memory(model_shape(cfg),
+Setting.of(cfg, on_gpu=False))`` for the same config: the ratio estimate / measured is printed for
+max_length 256, 512 and 1024, with and without gradient checkpointing. Exit 1 when a ratio leaves
+0.9-1.1 (tests/test_estimate.py holds it within 5%).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ SETTINGS = [(hidden, length, gc) for hidden in (128, 256) for length in (256, 51
 
 def measure(work: Path, hidden: int, max_length: int, checkpointing: str) -> tuple[int, int]:
     """(estimate, measured) bytes of one optimizer step."""
-    from slurmtune.train.estimate import Setting, TensorMemory, estimate_memory, model_shape
+    from slurmtune.train.estimate import Setting, estimate_memory, measured_peak, model_shape
     from slurmtune.train.recipe import TrainingRecipe
     from slurmtune.train.tiny_model import make_tiny_model
 
@@ -47,12 +48,9 @@ def measure(work: Path, hidden: int, max_length: int, checkpointing: str) -> tup
     recipe = TrainingRecipe(cfg, run, [write_jsonl(work / "train.jsonl", rows)], None)
     try:
         recipe.setup()
-        held = list(recipe.trainer.model.parameters()) + list(recipe.trainer.model.buffers())
-        with TensorMemory(held=held) as memory:
-            recipe.train()
+        measured = measured_peak(recipe)
     finally:
         recipe.cleanup()
-    measured = sum(t.numel() * t.element_size() for t in held) + memory.peak
     return estimate_memory(model_shape(cfg), Setting.of(cfg, on_gpu=False)).total, measured
 
 

@@ -86,9 +86,11 @@ def build_model(work: Path, args) -> Path:
 
 def rows(n: int, lengths: list[int]) -> list[dict]:
     """Chats whose answers are about ``lengths[i % len]`` words (a word is about a token here)."""
+    def answer(words: int) -> str:
+        return " ".join(f"w{j % 97}" for j in range(words))
+
     return [{"messages": [{"role": "user", "content": f"Grade speech {i}."},
-                          {"role": "assistant", "content": " ".join(f"w{j % 97}" for j in range(lengths[i % len(lengths)]))}]}
-            for i in range(n)]
+                          {"role": "assistant", "content": answer(lengths[i % len(lengths)])}]} for i in range(n)]
 
 
 def write_rows(path: Path, data: list[dict]) -> str:
@@ -97,48 +99,6 @@ def write_rows(path: Path, data: list[dict]) -> str:
 
 
 # --- one case --------------------------------------------------------------------------------
-
-class StepTimer:
-    """Step times and loss-bearing tokens of one training, from a TrainerCallback."""
-
-    def __init__(self, warmup: int):
-        self.warmup, self.step_s, self.tokens, self._t0, self._step_tokens = warmup, [], [], 0.0, 0
-
-    def callback(self):
-        from transformers import TrainerCallback
-
-        timer = self
-
-        class Timer(TrainerCallback):
-            def on_train_begin(self, args, state, control, model=None, **kwargs):
-                model.register_forward_pre_hook(timer.count, with_kwargs=True)
-
-            def on_step_begin(self, args, state, control, **kwargs):
-                _sync()
-                timer._t0, timer._step_tokens = time.perf_counter(), 0
-
-            def on_step_end(self, args, state, control, **kwargs):
-                _sync()
-                timer.step_s.append(time.perf_counter() - timer._t0)
-                timer.tokens.append(timer._step_tokens)
-
-        return Timer()
-
-    def count(self, module, args, kwargs):
-        if module.training and kwargs.get("labels") is not None:
-            self._step_tokens += int((kwargs["labels"] != -100).sum())
-
-    def tokens_per_s(self) -> float:
-        timed = slice(self.warmup, None)
-        return sum(self.tokens[timed]) / max(sum(self.step_s[timed]), 1e-9)
-
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
 
 def train_case(work: Path, model: Path, data: str, args, name: str, deepspeed: str | None = None,
                **train) -> dict:
@@ -161,12 +121,12 @@ def train_case(work: Path, model: Path, data: str, args, name: str, deepspeed: s
     if attn:
         cfg.model.attn_implementation = attn
     cuda = torch.cuda.is_available()
-    timer = StepTimer(args.warmup)
+    probe = harness.StepProbe()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     recipe = TrainingRecipe(cfg, work / f"run-{name.replace(' ', '-')}", [data], None, deepspeed=deepspeed,
-                            callbacks=(timer.callback(),))
+                            callbacks=(probe.callback(),))
     try:
         recipe.setup()
         recipe.train()
@@ -178,9 +138,10 @@ def train_case(work: Path, model: Path, data: str, args, name: str, deepspeed: s
         gc.collect()
     shape = model_shape(cfg)
     estimate = estimate_memory(shape, Setting.of(cfg, on_gpu=cuda)).total
-    return {"case": name, "tokens_per_s": timer.tokens_per_s(), "step_s": sum(timer.step_s[args.warmup:]) /
-            max(1, len(timer.step_s) - args.warmup), "peak": torch.cuda.max_memory_allocated() if cuda else None,
-            "estimate": estimate, "flops_per_token": 4 * (shape.params - trainable) + 6 * trainable}
+    timed = probe.step_s[args.warmup:]
+    return {"case": name, "tokens_per_s": probe.tokens_per_s(args.warmup), "step_s": sum(timed) / max(1, len(timed)),
+            "peak": torch.cuda.max_memory_allocated() if cuda else None, "estimate": estimate,
+            "flops_per_token": 4 * (shape.params - trainable) + 6 * trainable}
 
 
 # --- the bench -------------------------------------------------------------------------------

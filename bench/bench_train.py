@@ -94,39 +94,14 @@ def make_config(args: argparse.Namespace, packing: bool):
     return load_manifest(REPO / "manifests" / "quickstart.yaml", overrides)
 
 
-class Probe:
-    """Step times, what the model is fed, and checkpoint save times of one training run."""
+class Probe(harness.StepProbe):
+    """The steps of one training run (harness.StepProbe), and what the model is fed in each batch."""
 
     def __init__(self):
-        self.step_s: list[float] = []
-        self.step_cpu_s: list[float] = []
-        self.save_s: list[float] = []
+        super().__init__()
         self.batches: list[dict] = []
-        self.attn_implementation = ""
-        self._t0 = self._cpu0 = 0.0
 
-    def callback(self):
-        from transformers import TrainerCallback
-
-        probe = self
-
-        class Timer(TrainerCallback):
-            def on_train_begin(self, args, state, control, model=None, **kwargs):
-                model.register_forward_pre_hook(probe.count_inputs, with_kwargs=True)
-                probe.attn_implementation = model.config._attn_implementation
-
-            def on_step_begin(self, args, state, control, **kwargs):
-                probe._t0, probe._cpu0 = time.perf_counter(), time.process_time()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                probe.step_s.append(time.perf_counter() - probe._t0)
-                probe.step_cpu_s.append(time.process_time() - probe._cpu0)
-
-        return Timer()
-
-    def count_inputs(self, module, args, kwargs):
-        if not module.training:
-            return None
+    def on_batch(self, kwargs) -> None:
         ids, labels = kwargs["input_ids"], kwargs["labels"]
         mask = kwargs.get("attention_mask")
         real = int(mask.sum()) if mask is not None else int(ids.numel())
@@ -143,7 +118,6 @@ class Probe:
                              # rows computes, and what a kernel that skips padding and other rows needs
                              "attn_dense": ids.shape[0] * ids.shape[1] ** 2,
                              "attn_needed": sum(n * n for n in lengths)})
-        return None
 
 
 def child_train(args: argparse.Namespace, config: str) -> dict:

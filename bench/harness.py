@@ -203,6 +203,68 @@ def time_saves(trainer, seconds: list[float]) -> None:
     trainer._save_checkpoint = timed  # the instance attribute wins over the class method
 
 
+class StepProbe:
+    """What one training process did, step by step: wall and CPU seconds of each optimizer step
+    (``on_step_begin`` to ``on_step_end``, after the GPU's queue is drained), the loss-bearing
+    tokens of each step and in all (a forward pre-hook on the model), and the checkpoint saves
+    ``time_saves`` appends to ``save_s``. A bench that reads more of each batch overrides
+    ``on_batch``; pass ``probe.callback()`` in the recipe's ``callbacks``."""
+
+    def __init__(self):
+        self.step_s: list[float] = []
+        self.step_cpu_s: list[float] = []
+        self.step_tokens: list[int] = []
+        self.save_s: list[float] = []
+        self.trained = 0
+        self.attn_implementation = ""
+        self._t0 = self._cpu0 = 0.0
+        self._tokens = 0
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        probe = self
+
+        class Timer(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                model.register_forward_pre_hook(probe.count, with_kwargs=True)
+                probe.attn_implementation = model.config._attn_implementation
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                _drain_gpu()
+                probe._t0, probe._cpu0, probe._tokens = time.perf_counter(), time.process_time(), 0
+
+            def on_step_end(self, args, state, control, **kwargs):
+                _drain_gpu()
+                probe.step_s.append(time.perf_counter() - probe._t0)
+                probe.step_cpu_s.append(time.process_time() - probe._cpu0)
+                probe.step_tokens.append(probe._tokens)
+
+        return Timer()
+
+    def count(self, module, args, kwargs) -> None:
+        if not module.training:
+            return
+        trained = int((kwargs["labels"] != -100).sum())
+        self.trained += trained
+        self._tokens += trained
+        self.on_batch(kwargs)
+
+    def on_batch(self, kwargs) -> None:
+        """Each training forward's inputs (input_ids, labels, attention_mask, position_ids)."""
+
+    def tokens_per_s(self, skip: int = 0) -> float:
+        """Loss-bearing tokens per second of the steps after the first ``skip``."""
+        return sum(self.step_tokens[skip:]) / max(sum(self.step_s[skip:]), 1e-9)
+
+
+def _drain_gpu() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 # --- what the SLURM benches share ------------------------------------------------------------
 
 def cluster_answers() -> bool:

@@ -520,11 +520,13 @@ def _trained_tokens(cfg: RunConfig, rows: int, per_row: float) -> float:
 
 
 def _training_rows(cfg: RunConfig, run_dir: Path | None) -> int | None:
-    """Rows the train job will read: lines of the training files, or the raw inputs' rows (times
+    """Rows the train job will read: the records of the training files, or the raw inputs' rows (times
     data.split) when convert has not written them yet."""
+    from slurmtune.data.dataset import count_rows
+
     files, _ = data_files(cfg, run_dir or ".")
     if files and all(Path(f).is_file() for f in files):
-        return sum(_lines(Path(f)) for f in files)
+        return sum(count_rows(f) for f in files)
     if not cfg.data.inputs:
         return None
     from slurmtune.data.converters import get_converter
@@ -532,11 +534,6 @@ def _training_rows(cfg: RunConfig, run_dir: Path | None) -> int | None:
     converter = get_converter(cfg.data.format)(**cfg.data.options)
     rows = sum(1 for _, item in converter.rows([Path(p) for p in cfg.data.inputs]) if not item.error)
     return int(rows * (cfg.data.split or 1))
-
-
-def _lines(path: Path) -> int:
-    with path.open("rb") as f:
-        return sum(1 for line in f if line.strip())
 
 
 def _duration(seconds: float) -> str:

@@ -15,8 +15,8 @@ from slurmtune.train.estimate import (
     TRL_TOKEN_TILE,
     TRL_VOCAB_TILE,
     Setting,
-    TensorMemory,
     estimate_memory,
+    measured_peak,
     model_shape,
     requeues,
 )
@@ -54,15 +54,10 @@ def test_estimate_is_within_tolerance_of_the_measured_peak(wide_tiny_model, tmp_
     recipe = TrainingRecipe(cfg, tmp_path / "run", [write_jsonl(tmp_path / "train.jsonl", rows)], None)
     try:
         recipe.setup()
-        model = recipe.trainer.model
-        weights = list(model.parameters()) + list(model.buffers())
-        held = sum(t.numel() * t.element_size() for t in weights)
-        with TensorMemory(held=weights) as memory:
-            recipe.train()
-        assert model.is_activation_checkpointing == (checkpointing == "on")  # the trainer turns it on
+        measured = measured_peak(recipe)
+        assert recipe.trainer.model.is_activation_checkpointing == (checkpointing == "on")  # the trainer turns it on
     finally:
         recipe.cleanup()
-    measured = held + memory.peak
     estimate = estimate_memory(model_shape(cfg), Setting.of(cfg, on_gpu=False)).total
     assert abs(estimate / measured - 1) <= TOLERANCE, (estimate, measured)
 

@@ -128,8 +128,7 @@ def probe(profile: ClusterProfile, gpus: int, executor: str, wait_min: int, echo
     path = probe_path(profile)
     job = ProbeJob(str(path), gpus, profile.env.get("HF_HOME"))
     if executor != "slurm":
-        job()
-        return read_probe(profile)
+        return job()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder = path.parent / "probe-jobs" / f"{profile.name}-{stamp}"
     (folder / "slurm").mkdir(parents=True, mode=0o700)

@@ -78,7 +78,8 @@ def format_probe(result: dict) -> str:
     lines = [f"probe of {result.get('node', '?')} at {result.get('when', '?')}"
              + (f" (job {result['job_id']})" if result.get("job_id") else "")]
     for c in result["checks"]:
-        lines.append(f"{c['status']:<5} {c['name']:<16} {c['value']}" + (f"  ({c['detail']})" if c.get("detail") else ""))
+        detail = f"  ({c['detail']})" if c.get("detail") else ""
+        lines.append(f"{c['status']:<5} {c['name']:<16} {c['value']}{detail}")
     return "\n".join(lines)
 
 

@@ -27,10 +27,11 @@ Per GPU, the peak of one optimizer step is the sum of:
   ``TRL_TOKEN_TILE x TRL_VOCAB_TILE`` (and without Triton, on CPU, a handful of fp32 temporaries
   of the tile's real width).
 
-``tests/test_estimate.py`` holds the sum against the peak of live tensor bytes (`TensorMemory`)
-while the real recipe trains tiny models on CPU (bench/bench_estimate.py prints the ratios). The time is the FLOPs of the tokens (forward 2N,
-backward 2N + 2 x trainable, one more forward with checkpointing; attention's own terms added) at
-``UTILISATION`` of the GPU's bf16 TFLOP/s.
+``tests/test_estimate.py`` holds the sum against ``measured_peak``, the peak of live tensor bytes
+while the real recipe trains tiny models on CPU (bench/bench_estimate.py prints the ratios).
+
+The time is the FLOPs of the tokens (forward 2N, backward 2N + 2 x trainable, one more forward
+with checkpointing; attention's own terms added) at ``UTILISATION`` of the GPU's bf16 TFLOP/s.
 """
 
 from __future__ import annotations
@@ -289,6 +290,16 @@ def requeues(seconds: float, time_min: int, signal_lead_s: int) -> int:
     if useful <= 0:
         return 10**6
     return max(0, math.ceil((seconds - STARTUP_S) / useful) - 1)
+
+
+def measured_peak(recipe) -> int:
+    """Peak bytes while ``recipe`` (a set-up TrainingRecipe) trains on CPU: the weights it holds and
+    the tensors it makes. What the estimate is held against (tests, bench/bench_estimate.py)."""
+    model = recipe.trainer.model
+    held = list(model.parameters()) + list(model.buffers())
+    with TensorMemory(held=held) as memory:
+        recipe.train()
+    return sum(t.numel() * t.element_size() for t in held) + memory.peak
 
 
 class TensorMemory:
