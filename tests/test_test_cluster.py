@@ -41,6 +41,16 @@ def sacct(job_id, env, fields, duplicates=False):
     return [dict(zip(fields, line.split("|"))) for line in lines if line]
 
 
+def assert_sacct(job_id, env, expected, timeout_s=15):
+    """sacct's rows of a job equal ``expected`` within ``timeout_s``: slurmdbd records a job's end
+    (and, for a short job, its partition and QOS) moments after the controller reports it."""
+    fields = list(expected[0])
+    deadline = time.monotonic() + timeout_s
+    while (rows := sacct(job_id, env, fields)) != expected:
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.5)
+
+
 def wait_for_file_text(path, text, timeout_s):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -81,9 +91,7 @@ def test_job_completes(slurm_cluster, workdir, submitted):
     job_id = sbatch(slurm_cluster, "-o", str(out), "--wrap", "echo hi")
     submitted.append(job_id)
     assert wait_for_state(job_id, timeout_s=60, env=slurm_cluster) == "COMPLETED"
-    assert sacct(job_id, slurm_cluster, ["State", "ExitCode"]) == [
-        {"State": "COMPLETED", "ExitCode": "0:0"}
-    ]
+    assert_sacct(job_id, slurm_cluster, [{"State": "COMPLETED", "ExitCode": "0:0"}])
     assert out.read_text().strip() == "hi"
 
 
@@ -91,9 +99,7 @@ def test_failing_job_reports_exit_code(slurm_cluster, workdir, submitted):
     job_id = sbatch(slurm_cluster, "-o", str(workdir / "fail.out"), "--wrap", "exit 3")
     submitted.append(job_id)
     assert wait_for_state(job_id, timeout_s=60, env=slurm_cluster) == "FAILED"
-    assert sacct(job_id, slurm_cluster, ["State", "ExitCode"]) == [
-        {"State": "FAILED", "ExitCode": "3:0"}
-    ]
+    assert_sacct(job_id, slurm_cluster, [{"State": "FAILED", "ExitCode": "3:0"}])
 
 
 def test_fake_gpus(slurm_cluster, workdir, submitted):
@@ -132,11 +138,7 @@ def test_partitions_account_and_qos(slurm_cluster, workdir, submitted):
     assert wait_for_state(job_id, timeout_s=60, env=slurm_cluster) == "COMPLETED"
     # For a job this short, slurmdbd may briefly hold a record without the
     # partition and with QOS "Unknown"; the start message completes it.
-    expected = [{"Partition": "gpu", "Account": "testacct", "QOS": "campus-gpu"}]
-    deadline = time.monotonic() + 15
-    while (rows := sacct(job_id, slurm_cluster, ["Partition", "Account", "QOS"])) != expected:
-        assert time.monotonic() < deadline, rows
-        time.sleep(0.5)
+    assert_sacct(job_id, slurm_cluster, [{"Partition": "gpu", "Account": "testacct", "QOS": "campus-gpu"}])
 
 
 def test_requeue_restarts_job(slurm_cluster, workdir, submitted):
@@ -170,6 +172,4 @@ def test_time_limit_gives_timeout(slurm_cluster, timeout_job):
     # Limits are checked about every 30 s: a 1-minute limit ends at ~60-90 s
     # after the start, and this job was submitted when the module began.
     assert wait_for_state(timeout_job, timeout_s=150, env=slurm_cluster) == "TIMEOUT"
-    assert sacct(timeout_job, slurm_cluster, ["State", "Timelimit"]) == [
-        {"State": "TIMEOUT", "Timelimit": "00:01:00"}
-    ]
+    assert_sacct(timeout_job, slurm_cluster, [{"State": "TIMEOUT", "Timelimit": "00:01:00"}])
