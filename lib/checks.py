@@ -542,3 +542,19 @@ def _duration(seconds: float) -> str:
 
 def _unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
+
+
+# --- 5. a server ---------------------------------------------------------------------------
+
+def serve_problems(targets: list, engine: str, vllm_bin: str | None) -> list[str]:
+    """Everything that would fail a server job (slurmtune.serve): the engine's limits, and
+    adapter weights that name modules the base model lacks (from the safetensors headers)."""
+    from slurmtune.evaluate.generate import adapter_names_problem
+    from slurmtune.serve.server import target_problems
+
+    problems = target_problems(targets, engine, vllm_bin)
+    for t in targets:
+        if t.base and (Path(t.base) / "config.json").is_file():
+            problem = adapter_names_problem(t.adapter, t.base)
+            problems += [problem] if problem else []
+    return problems

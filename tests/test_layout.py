@@ -18,8 +18,8 @@ ALLOWED = {
     "cluster": {"base"},
     "runs": {"base", "data", "evaluate", "cluster"},
     "serve": {"base", "data", "evaluate"},
-    "checks": {"base", "data", "train", "evaluate", "cluster", "runs"},
-    "jobs": {"base", "data", "train", "evaluate", "cluster", "runs", "checks"},
+    "checks": {"base", "data", "train", "evaluate", "cluster", "runs", "serve"},
+    "jobs": {"base", "data", "train", "evaluate", "cluster", "runs", "serve", "checks"},
     "cli": {"base", "data", "train", "evaluate", "cluster", "runs", "serve", "checks", "jobs"},
 }
 BASE_MODULES = {"errors", "schema", "config", "progress", "logs", "__init__"}

@@ -39,6 +39,10 @@ def _add_predict(sub) -> None:
     p.add_argument("--base", metavar="MODEL", help="base model folder of the adapter")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--endpoint", metavar="URL|RUN", help="ask a running server instead (a URL, or a run whose "
+                                                         "`slurmtune serve` is up); MODEL is then its model name; "
+                                                         "a key comes from $SLURMTUNE_API_KEY or the run's serve/")
+    p.add_argument("--concurrency", type=int, default=4, help="--endpoint: requests in flight at once")
     p.set_defaults(func=_predict)
 
 
@@ -46,10 +50,31 @@ def _predict(args) -> int:
     from slurmtune.evaluate.generate import predict_file
     from slurmtune.data.jsonio import check_input_file
     check_input_file(args.file)
+    client = _endpoint_client(args.endpoint, args.model, args.concurrency) if args.endpoint else None
     path = predict_file(args.model, args.file, args.out, base=args.base, batch_size=args.batch_size,
-                        max_new_tokens=args.max_new_tokens)
+                        max_new_tokens=args.max_new_tokens, client=client)
     print(f"predictions: {path}")
     return 0
+
+
+def _endpoint_client(where: str, model: str, concurrency: int):
+    """The client of a server given as a URL, or as a run (or adapter) whose server is up."""
+    import os
+
+    from slurmtune.evaluate.endpoint import EndpointClient
+
+    if where.startswith(("http://", "https://")):
+        return EndpointClient(where, model, os.environ.get("SLURMTUNE_API_KEY"), concurrency)
+    from slurmtune.cli.serve import endpoint_of, read_job, serve_dir_of
+
+    serve_dir, _ = serve_dir_of(where, "runs")
+    job = read_job(serve_dir)
+    status = endpoint_of(serve_dir, job) if job else {"state": "never started"}
+    if status["state"] != "up":
+        raise UsageError(f"--endpoint {where}: its server is {status['state']}; start it with: slurmtune serve {where}")
+    key_file = serve_dir / "api_key"
+    key = key_file.read_text(encoding="utf-8").strip() if key_file.is_file() else None
+    return EndpointClient(status["url"], model, key, concurrency)
 
 
 def _add_score(sub) -> None:

@@ -7,6 +7,7 @@
     slurmtune status [RUN]   slurmtune logs RUN    slurmtune cancel RUN         (cli/status.py)
     slurmtune predict / score / compare / merge / report                       (cli/evaluate.py)
     slurmtune make-tiny-model / fetch-model / publish                           (cli/models.py)
+    slurmtune serve RUN|ADAPTER ...   slurmtune serve status|stop RUN             (cli/serve.py)
     slurmtune doctor [--cluster NAME]                                           (cli/doctor.py)
 
 Exit status: 0 success, 1 invalid input or a failed step, 2 usage error. Errors the
@@ -22,14 +23,14 @@ import re
 import sys
 
 from slurmtune import __version__
-from slurmtune.cli import data, doctor, evaluate, models, run, status
+from slurmtune.cli import data, doctor, evaluate, models, run, serve, status
 from slurmtune.errors import SlurmtuneError
 from slurmtune.logs import quiet_output, verbose_requested
 
 # key.sub=value anywhere after the command (argparse cannot take positionals after options).
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 TAKES_OVERRIDES = ("config", "run", "submit", "sweep")
-GROUPS = (data, models, evaluate, run, status, doctor)  # the order of `slurmtune --help`
+GROUPS = (data, models, evaluate, run, serve, status, doctor)  # the order of `slurmtune --help`
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -255,7 +255,10 @@ def _estimate(args) -> int:
 
 
 def _profile(cfg: RunConfig, args) -> ClusterProfile:
-    name = getattr(args, "cluster", None) or cfg.slurm.cluster
+    return _profile_by_name(getattr(args, "cluster", None) or cfg.slurm.cluster)
+
+
+def _profile_by_name(name: str | None) -> ClusterProfile:
     return load_profile(name) if name else ClusterProfile(name="local")
 
 

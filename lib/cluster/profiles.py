@@ -68,6 +68,8 @@ class ClusterProfile:
     shared_prefixes: list[str] = field_([], "paths visible from every node")
     require_shared_paths: bool = field_(False, "refuse model and data paths outside shared_prefixes")
     python: str | None = field_(None, "python on the nodes; null: the one submitting")
+    vllm_bin: str | None = field_(None, "vLLM's executable in an environment of its own (vLLM pins its own "
+                                        "torch), for `slurmtune serve --engine vllm`; null: no vLLM")
     cache_dir: str | None = field_(None, "folder for what slurmtune learns about this cluster (the results of "
                                          "`doctor --probe`); null: ~/.cache/slurmtune")
     run_group: str | None = field_(None, "group that may read run folders (0750, setgid); null: owner "

@@ -364,6 +364,16 @@ def _hms(text: str) -> int:
     return seconds + int(days or 0) * 86400
 
 
+def time_left(job_id: str) -> int | None:
+    """Seconds a running job has left before its time limit (squeue), None when unknown."""
+    try:
+        result = _run(["squeue", "-h", "-j", job_id, "-o", "%L"])
+    except (subprocess.SubprocessError, OSError):
+        return None
+    text = result.stdout.strip()
+    return _hms(text) if result.returncode == 0 and text and text[0].isdigit() else None
+
+
 def cancel(job_ids: list[str]) -> None:
     if job_ids:
         _run(["scancel", *job_ids])

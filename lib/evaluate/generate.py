@@ -43,6 +43,7 @@ from slurmtune.data.records import content_text
 from slurmtune.data.tools import calls_text, refuse_tools_without_template
 
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 # --- what an eval record asks and expects ---------------------------------------------
@@ -158,12 +159,48 @@ def load_for_generation(model_path, adapter=None, base=None):
         (Path(adapter) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = load_tokenizer(adapter if has_tokenizer else base_path)
     if adapter is not None:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+        model = load_adapter(model, adapter)
     if cuda:
         model = model.to("cuda")
     model.eval()
     return model, tokenizer
+
+
+def load_adapter(model, adapter_dir):
+    """``model`` with the LoRA adapter of ``adapter_dir`` (a PeftModel), refusing an adapter whose
+    weights do not all land in the model: peft loads a weight whose name matches no module as
+    nothing, without an error, and the model then answers as its base does."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    problem = adapter_key_problem(peft_model, adapter_dir)
+    if problem:
+        raise UsageError(problem)
+    return peft_model
+
+
+def adapter_key_problem(peft_model, adapter_dir) -> str | None:
+    """What is wrong when the weights in ``adapter_dir`` are not exactly those ``peft_model`` holds."""
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    file = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not file.is_file():
+        return f"{adapter_dir}: no {ADAPTER_WEIGHTS}; expected the adapter's weights (safetensors)"
+    saved = load_file(str(file))
+    held = get_peft_model_state_dict(peft_model)
+    stray = sorted(set(saved) - set(held))
+    if stray:
+        like = next((k for k in sorted(held) if k.rsplit(".", 3)[-3:] == stray[0].rsplit(".", 3)[-3:]),
+                    next(iter(sorted(held)), "none"))
+        return (f"{adapter_dir}: {len(stray)} of {len(saved)} adapter weights match no module of the base model, "
+                f"e.g. {stray[0]} (the base's own name for such a weight: {like}); the adapter would "
+                "change nothing; fix: use the adapter trained on this base, or rename its keys to the base's")
+    changed = [k for k, v in saved.items() if not torch.equal(v.to(held[k].dtype), held[k].detach().cpu())]
+    if changed:
+        return f"{adapter_dir}: {len(changed)} adapter weights did not load as saved, e.g. {changed[0]}"
+    return None
 
 
 def _load_base(path: str, dtype):
@@ -269,10 +306,11 @@ def read_eval_records(path) -> list[dict]:
 
 def predict_file(model_path, in_file, out_file, adapter=None, base=None,
                  shard: tuple[int, int] | None = None, batch_size: int = 8,
-                 max_new_tokens: int = 256) -> Path:
+                 max_new_tokens: int = 256, client=None) -> Path:
     """Answer shard ``index`` of ``count`` of ``in_file`` (all of it without ``shard``) into
-    ``out_file``. Returns at once, loading nothing, when ``out_file`` already exists: it is
-    written atomically, so it exists only once complete."""
+    ``out_file``; with ``client`` (slurmtune.evaluate.endpoint.EndpointClient) a running server
+    answers instead of a model loaded here. Returns at once, loading nothing, when ``out_file``
+    already exists: it is written atomically, so it exists only once complete."""
     out_file = Path(out_file)
     if out_file.is_file():
         return out_file
@@ -281,7 +319,9 @@ def predict_file(model_path, in_file, out_file, adapter=None, base=None,
     positions = shard_range(len(records), index, count)
     mine = [_with_index(records[i], i) for i in positions]
     answers: list[str] = []
-    if mine:  # more shards than records leaves some empty: nothing to load
+    if mine and client is not None:
+        answers = client.answers(mine, max_new_tokens)
+    elif mine:  # more shards than records leaves some empty: nothing to load
         model, tokenizer = load_for_generation(model_path, adapter, base)
         answers = predict(model, tokenizer, mine, batch_size, max_new_tokens)
     _write_jsonl(out_file, ({**r, "actual": a} for r, a in zip(mine, answers)))
@@ -343,23 +383,35 @@ def merge_adapter(adapter_dir, out_dir, base=None) -> Path:
     The base loads in its checkpoint's own dtype (what the adapter trained against); the
     folder appears only when complete (written beside it, then renamed).
     """
-    from peft import PeftModel
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise UsageError(f"{out_dir} already exists; choose a new folder for the merged model")
+    model, tokenizer = load_to_merge(adapter_dir, base)
+    return save_merged(model, tokenizer, out_dir)
+
+
+def load_to_merge(adapter_dir, base=None):
+    """(the base with the adapter, as a PeftModel, in the base checkpoint's dtype; the tokenizer
+    training saved beside the adapter, else the base's)."""
     from transformers import AutoModelForCausalLM
 
     from slurmtune.data.chat_format import load_tokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    adapter_dir = Path(adapter_dir)
     base_path, _ = resolve_model_paths(adapter_dir, base=base)
-    if out_dir.exists():
-        raise UsageError(f"{out_dir} already exists; choose a new folder for the merged model")
     try:
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto", local_files_only=True)
     except (OSError, ValueError) as e:
         raise UsageError(f"{base_path}: cannot load the adapter's base model ({e})") from None
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(str(adapter_dir) if has_tokenizer else base_path)
+    return load_adapter(model, adapter_dir), load_tokenizer(str(adapter_dir) if has_tokenizer else base_path)
+
+
+def save_merged(peft_model, tokenizer, out_dir) -> Path:
+    """The adapter folded into its base, saved with the tokenizer; ``out_dir`` appears only complete."""
+    out_dir = Path(out_dir)
+    merged = peft_model.merge_and_unload()
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -369,3 +421,43 @@ def merge_adapter(adapter_dir, out_dir, base=None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def adapter_names_problem(adapter_dir, base_dir) -> str | None:
+    """An adapter weight whose module the base model does not have, read from the safetensors
+    headers alone (no weights loaded: the login node checks it in a second)."""
+    from safetensors import safe_open
+
+    adapter_file, base = Path(adapter_dir) / ADAPTER_WEIGHTS, Path(base_dir)
+    if not adapter_file.is_file():
+        return f"{adapter_dir}: no {ADAPTER_WEIGHTS}; expected the adapter's weights (safetensors)"
+    index = base / "model.safetensors.index.json"
+    if index.is_file():
+        names = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
+    else:
+        names = set()
+        for file in sorted(base.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as f:
+                names.update(f.keys())
+    if not names:
+        return None  # no safetensors to read the base's names from: the node's canary checks it
+    with safe_open(str(adapter_file), "pt") as f:
+        keys = sorted(f.keys())
+    modules = sorted({_module_of(k) for k in keys})
+    stray = [m for m in modules if f"{m}.weight" not in names]
+    if not stray:
+        return None
+    tail = stray[0].rsplit(".", 1)[-1]
+    like = next((n[:-len(".weight")] for n in sorted(names) if n.endswith(f".{tail}.weight")), None)
+    return (f"{adapter_dir}: {len(stray)} of {len(modules)} adapted modules are not in the base model {base}, "
+            f"e.g. {stray[0]}" + (f" (the base has {like})" if like else "")
+            + "; the adapter would change nothing; fix: use the adapter trained on this base")
+
+
+def _module_of(key: str) -> str:
+    """base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight -> model.layers.0.self_attn.q_proj"""
+    name = key.removeprefix("base_model.model.")
+    for marker in (".lora_A", ".lora_B", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector"):
+        if marker in name:
+            return name[:name.index(marker)]
+    return name.rsplit(".", 1)[0]
