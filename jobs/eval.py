@@ -24,8 +24,11 @@ class EvalJob(Job):
 
     def run(self, cfg: RunConfig, shard: int = 0) -> str:
         from slurmtune.evaluate.generate import predict_file
+        from slurmtune.serve.server import endpoint_client
         out = shard_file(self.run_dir, shard, cfg.eval.shards)
+        e = cfg.eval
+        client = endpoint_client(e.endpoint, e.endpoint_model, e.endpoint_concurrency) if e.endpoint else None
         predict_file(cfg.model.path, eval_file(cfg, self.run_dir), out, adapter=str(Path(self.run_dir) / "final"),
-                     shard=(shard, cfg.eval.shards), batch_size=cfg.eval.batch_size,
-                     max_new_tokens=cfg.eval.max_new_tokens)
+                     shard=(shard, e.shards), batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                     client=client)
         return str(out)

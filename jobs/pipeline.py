@@ -63,7 +63,8 @@ def plan_run(cfg: RunConfig, only: str | None = None) -> list[PlannedStep]:
     if has_eval(cfg):
         shards = cfg.eval.shards
         steps.append(PlannedStep("eval", "eval", _gpu_request(
-            cfg, f"{cfg.name}-eval", gpus_per_node=min(cfg.slurm.gpus, 1), array_size=shards,
+            cfg, f"{cfg.name}-eval", gpus_per_node=0 if cfg.eval.endpoint else min(cfg.slurm.gpus, 1),
+            array_size=shards,
             array_parallelism=cfg.eval.array_parallelism), shards=shards))
         steps.append(PlannedStep("report", "report", Request(f"{cfg.name}-report", cpu_time)))
     if not only:

@@ -145,6 +145,12 @@ class EvalConfig:
     max_new_tokens: int = field_(256, "tokens generated per answer, at most", at_least(1))
     batch_size: int = field_(8, "prompts generated together in each shard", at_least(1))
     normalize: bool = field_(True, "exact match ignores case, runs of whitespace and trailing punctuation")
+    endpoint: str | None = field_(None, "a running server the eval tasks ask instead of loading the model: "
+                                        "its URL (http://host:port/v1) or the run folder whose `slurmtune serve` "
+                                        "is up (its key is read from there)")
+    endpoint_model: str | None = field_(None, "the served model to ask at eval.endpoint; null: the endpoint's "
+                                              "first model")
+    endpoint_concurrency: int = field_(4, "requests each eval task keeps in flight at eval.endpoint", at_least(1))
 
 
 @dataclass

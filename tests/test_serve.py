@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from conftest import REPO, read_jsonl, write_jsonl
 from slurm_cluster import wait_for_state
 from slurmtune.serve.engine import prepare_models
-from slurmtune.serve.server import EngineFailed, ServeRequest, endpoint_status, resolve_target
+from slurmtune.serve.server import (EngineFailed, ServeRequest, endpoint_client, endpoint_status, engine_argv,
+                                    resolve_target)
 from slurmtune.train.tiny_model import make_tiny_model
 
 PROMPT = "Score this speech: clear structure, weak conclusion."
@@ -92,6 +93,19 @@ def test_vllm_command_and_job_script_are_the_recorded_ones(cli, tiny, tmp_path):
     text = r.out.replace(str(tmp_path), "<TMP>").replace(str(tiny), "<BASE>").replace(sys.executable, "PYTHON")
     assert text == (REPO / "tests" / "golden" / "serve-vllm.txt").read_text()
     assert not (tmp_path / "one-serve").exists()
+
+
+def test_vllm_gets_a_key_of_its_own_and_the_media_limits_of_its_data(tiny, tmp_path):
+    adapter = make_adapter(tiny, tmp_path / "pairs")
+    (adapter / "lineage.json").write_text(json.dumps({"config": {"data": {"format": "qwen-pairs"}}}))
+    request = ServeRequest([resolve_target(adapter, "pairs")], "vllm", time_min=5, gpus=1, vllm_bin="vllm")
+    serve_dir = tmp_path / "serve"
+    request.write(serve_dir)
+    key = (serve_dir / "api_key").read_text()
+    assert len(key) >= 40 and (serve_dir / "api_key").stat().st_mode & 0o777 == 0o600
+    argv = engine_argv(request, serve_dir, 8000, "python")
+    assert argv[argv.index("--limit-mm-per-prompt") + 1] == '{"video": 2}'  # both videos of one student
+    assert key not in " ".join(argv) and key not in (serve_dir / "request.json").read_text()
 
 
 def test_weights_named_for_another_model_are_refused_on_the_login_node(cli, tiny, tmp_path):
@@ -226,6 +240,8 @@ def test_serve_on_the_cluster(slurm_cluster, cli, tiny, tmp_path):
             "--max-new-tokens", "12")
     assert r.code == 0, r.err
     assert read_jsonl(tmp_path / "q.jsonl")[0]["actual"] == expected
+    # eval.endpoint: the eval tasks' client, from the serve folder (the endpoint's first model)
+    assert endpoint_client(str(tmp_path / "one-serve")).answers(read_jsonl(evals), 12) == [expected]
 
     # Preempted (requeued by the scheduler), it comes back on a port of its own and says so.
     subprocess.run(["scontrol", "requeue", job_id], check=True, env=slurm_cluster)

@@ -58,13 +58,12 @@ def _predict(args) -> int:
 
 
 def _endpoint_client(where: str, model: str, concurrency: int):
-    """The client of a server given as a URL, or as a run (or adapter) whose server is up."""
-    import os
-
-    from slurmtune.evaluate.endpoint import EndpointClient
+    """The client of a server given as a URL, or as a run (or adapter) whose server is up (asked
+    of the scheduler too: a server killed outright cannot say it is gone)."""
+    from slurmtune.serve.server import endpoint_client
 
     if where.startswith(("http://", "https://")):
-        return EndpointClient(where, model, os.environ.get("SLURMTUNE_API_KEY"), concurrency)
+        return endpoint_client(where, model, concurrency)
     from slurmtune.cli.serve import endpoint_of, read_job, serve_dir_of
 
     serve_dir, _ = serve_dir_of(where, "runs")
@@ -72,9 +71,7 @@ def _endpoint_client(where: str, model: str, concurrency: int):
     status = endpoint_of(serve_dir, job) if job else {"state": "never started"}
     if status["state"] != "up":
         raise UsageError(f"--endpoint {where}: its server is {status['state']}; start it with: slurmtune serve {where}")
-    key_file = serve_dir / "api_key"
-    key = key_file.read_text(encoding="utf-8").strip() if key_file.is_file() else None
-    return EndpointClient(status["url"], model, key, concurrency)
+    return endpoint_client(str(serve_dir), model, concurrency)
 
 
 def _add_score(sub) -> None:

@@ -247,3 +247,23 @@ def tunnel_command(endpoint: dict, login_host: str, user: str, local_port: int =
     host = endpoint.get("host", LOOPBACK)
     target = LOOPBACK if host == LOOPBACK else host
     return f"ssh -N -L {local_port}:{target}:{endpoint['port']} -J {user}@{login_host} {user}@{endpoint['node']}"
+
+
+def endpoint_client(where: str, model: str | None = None, concurrency: int = 4):
+    """An EndpointClient of a server given as a URL (key: $SLURMTUNE_API_KEY) or as the run (or
+    serve) folder whose endpoint.json says it is up (key: the folder's api_key)."""
+    from slurmtune.evaluate.endpoint import EndpointClient
+
+    if where.startswith(("http://", "https://")):
+        if not model:
+            raise UsageError(f"{where}: name the served model to ask (eval.endpoint_model, or predict's MODEL)")
+        return EndpointClient(where, model, os.environ.get("SLURMTUNE_API_KEY"), concurrency)
+    folder = Path(where)
+    serve_dir = folder / "serve" if (folder / "serve").is_dir() else folder
+    endpoint = read_endpoint(serve_dir)
+    if not endpoint or endpoint.get("state") != "up":
+        raise UsageError(f"{where}: no server is up there ({serve_dir / ENDPOINT}: "
+                         f"{(endpoint or {}).get('state', 'missing')}); start one with: slurmtune serve {where}")
+    key_file = serve_dir / KEY_FILE
+    key = key_file.read_text(encoding="utf-8").strip() if key_file.is_file() else None
+    return EndpointClient(endpoint["url"], model or endpoint["models"][0], key, concurrency)
