@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 
 from conftest import read_jsonl, write_jsonl
 from factories import evaluation, write_export
@@ -18,7 +19,7 @@ def chat(q="q", a="a", student=None):
 
 
 def test_validate_reports_all_problems_with_file_line_field(cli, tmp_path):
-    (tmp_path / "img.png").write_bytes(b"png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "img.png")
     rows = [chat(student="s1"),
             {"messages": [{"role": "teacher", "content": "x"}, {"role": "assistant", "content": "y"}]},
             {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]},

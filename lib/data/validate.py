@@ -236,17 +236,27 @@ class _Validation:
                              "expected each student in one split only")
         if self.check_paths:
             for field, media in _media_of(value, fmt):
-                if not _media_exists(media, where.path):
-                    self.problem(where, field, f"file not found: {media}")
+                problem = _media_problem(media, field, where.path)
+                if problem:
+                    self.problem(where, field, problem)
         if self.lengths and fmt in CANONICAL:
             self.lengths.add(value, where, self.problem)
 
 
-def _media_exists(media: str, data_file: Path) -> bool:
+def _media_problem(media: str, field: str, data_file: Path) -> str | None:
+    """Why the image or video a row names cannot be used: missing, empty, unreadable, no pixels
+    or no frames (slurmtune.data.media); relative paths are relative to the data file's folder."""
+    from slurmtune.data.media import IMAGE, VIDEO, media_problem
+
     if media.startswith(("http://", "https://")):
-        return True  # remote media cannot be checked from an offline node
+        return None  # remote media cannot be checked from an offline node
     p = Path(media)
-    return (p if p.is_absolute() else data_file.parent / p).is_file()
+    p = p if p.is_absolute() else data_file.parent / p
+    if not p.is_file():
+        return f"file not found: {media}"
+    kind = IMAGE if "image" in field.rsplit(".", 1)[-1] else VIDEO
+    problem = media_problem(p, kind)
+    return f"{problem}; expected a readable {kind}" if problem else None
 
 
 class _TokenLengths:
