@@ -327,6 +327,10 @@ def data_problems(sub: Submission) -> list[str]:
     fails now, not after its wait in the queue. Prints the trained-token share."""
     import sys
 
+    from slurmtune.data.vision import is_vision_model
+
+    if is_vision_model(sub.cfg.model.path):
+        return vision_data_problems(sub)
     try:
         preview = preview_training(sub.cfg, sub.existing.dir if sub.existing else None)
     except SlurmtuneError as e:
@@ -340,6 +344,47 @@ def data_problems(sub: Submission) -> list[str]:
     if notice:
         print(notice, file=sys.stderr)
     return estimate_problems(sub, preview)
+
+
+def vision_data_problems(sub: Submission) -> list[str]:
+    """Every training row of a vision-language run: each image and video opens and has pixels or
+    frames, and the row's text and media tokens fit train.max_length (counted from the files'
+    sizes and lengths; nothing decoded, nothing written). Prints the trained-token share."""
+    import sys
+
+    from slurmtune.data.dataset import read_train_files
+    from slurmtune.data.media import media_problem
+    from slurmtune.data.records import media_paths
+    from slurmtune.data.vision import VisionSettings, load_encoder, with_absolute_media
+
+    cfg = sub.cfg
+    if cfg.train.packing:
+        return ["train.packing: the vision recipe pads its batches (packed rows would share image features); "
+                "fix: train.packing=false"]
+    files, _ = data_files(cfg, sub.existing.dir if sub.existing else ".")
+    if not files or not all(Path(f).is_file() for f in files):
+        return []  # written by the convert step: its validate step checks the media
+    try:
+        data = read_train_files(files)
+        v = cfg.vision
+        encoder = load_encoder(cfg.model.path, VisionSettings(v.fps, v.max_frames, v.max_pixels), "/nonexistent")
+    except SlurmtuneError as e:
+        return [f"train: {e}"]
+    problems, tokens, trained = [], 0, 0
+    for n, record in enumerate(data.records, 1):
+        record = with_absolute_media(record, data.row(n))
+        bad = [f"{data.row(n)}: {field}: {why}" for field, path in media_paths(record)
+               for why in [media_problem(path, "image" if field.endswith(".image") else "video")] if why]
+        if bad:
+            problems += bad
+            continue
+        total, media, learned = encoder.count(record)
+        tokens, trained = tokens + total, trained + learned
+        if total > cfg.train.max_length:
+            problems.append(f"{data.row(n)}: {encoder.too_long(total, media, cfg.train.max_length)}")
+    print(f"preflight: {trained}/{tokens} tokens trained ({trained / max(1, tokens):.0%}) in {len(data.records)} "
+          f"rows of {files[0]}, images and video counted", file=sys.stderr)
+    return problems
 
 
 def preview_training(cfg: RunConfig, run_dir: Path | None) -> Preview | None:

@@ -137,6 +137,17 @@ class TrainConfig:
 
 
 @dataclass
+class VisionConfig:
+    """How images and videos are given to a vision-language model (model.path with a vision tower)."""
+
+    fps: float = field_(2.0, "frames taken per second of video; a longer video than max_frames / fps gets "
+                             "max_frames spread over all of it", above(0, "a positive rate"))
+    max_frames: int = field_(16, "frames per video, at most", at_least(1))
+    max_pixels: int = field_(448 * 448, "pixels per image or frame, at most (sizes keep the aspect ratio)",
+                             at_least(784, "at least 784 (one 28x28 merged patch)"))
+
+
+@dataclass
 class EvalConfig:
     """How the eval array generates answers for the eval set and scores them."""
 
@@ -226,6 +237,7 @@ class RunConfig:
     model: ModelConfig = section(ModelConfig)
     lora: LoraConfig = section(LoraConfig)
     train: TrainConfig = section(TrainConfig)
+    vision: VisionConfig = section(VisionConfig)
     eval: EvalConfig = section(EvalConfig)
     slurm: SlurmConfig = section(SlurmConfig)
     distributed: DistributedConfig = section(DistributedConfig)

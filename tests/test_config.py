@@ -281,6 +281,7 @@ def test_explain_everything_groups_every_key_by_section(cli):
         "[lora] The adapter trained on top of the frozen base model.",
         "[train] How the adapter is trained. Defaults follow the course-assistant recipe (2 epochs, batch 1 x 8, "
         "lr 1e-4).",
+        "[vision] How images and videos are given to a vision-language model (model.path with a vision tower).",
         "[eval] How the eval array generates answers for the eval set and scores them.",
         "[slurm] Where and how jobs run. Site facts (partition, account, ...) live in slurm/ profiles.",
         "[distributed] Training over several processes with DeepSpeed (see slurmtune.train.distributed).",
@@ -305,7 +306,7 @@ def test_explain_an_unknown_key_says_the_close_match_and_the_valid_keys(cli, tmp
     assert r.code == 2 and r.out == "" and r.err == f"slurmtune: error: {TYPO}\n"
     r = cli("config", "--explain", "trian")
     assert r.code == 2 and r.err == ("slurmtune: error: trian: unknown key (did you mean 'train'?); valid keys of "
-                                     "top level: name, description, output_dir, data, model, lora, train, eval, "
+                                     "top level: name, description, output_dir, data, model, lora, train, vision, eval, "
                                      "slurm, distributed, sweep\n")
     r = cli("config")
     assert r.code == 2 and "give a MANIFEST (or --explain [KEY]" in r.err

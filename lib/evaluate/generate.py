@@ -44,6 +44,7 @@ from slurmtune.data.tools import calls_text, refuse_tools_without_template
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MEDIA_FILES = ("preprocessor_config.json", "chat_template.json")  # beside a vision model
 
 
 # --- what an eval record asks and expects ---------------------------------------------
@@ -387,29 +388,43 @@ def merge_adapter(adapter_dir, out_dir, base=None) -> Path:
     if out_dir.exists():
         raise UsageError(f"{out_dir} already exists; choose a new folder for the merged model")
     model, tokenizer = load_to_merge(adapter_dir, base)
-    return save_merged(model, tokenizer, out_dir)
+    return save_merged(model, tokenizer, out_dir, media_files(adapter_dir, base))
 
 
 def load_to_merge(adapter_dir, base=None):
     """(the base with the adapter, as a PeftModel, in the base checkpoint's dtype; the tokenizer
     training saved beside the adapter, else the base's)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from slurmtune.data.chat_format import load_tokenizer
+    from slurmtune.data.vision import is_vision_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     adapter_dir = Path(adapter_dir)
     base_path, _ = resolve_model_paths(adapter_dir, base=base)
+    auto = AutoModelForImageTextToText if is_vision_model(base_path) else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto", local_files_only=True)
+        model = auto.from_pretrained(base_path, dtype="auto", local_files_only=True)
     except (OSError, ValueError) as e:
         raise UsageError(f"{base_path}: cannot load the adapter's base model ({e})") from None
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     return load_adapter(model, adapter_dir), load_tokenizer(str(adapter_dir) if has_tokenizer else base_path)
 
 
-def save_merged(peft_model, tokenizer, out_dir) -> Path:
-    """The adapter folded into its base, saved with the tokenizer; ``out_dir`` appears only complete."""
+def media_files(adapter_dir, base=None) -> list[Path]:
+    """A vision model's image processor config and media chat template: the adapter's (training
+    copies them beside it), else its base's; [] for a text model."""
+    base_path, _ = resolve_model_paths(adapter_dir, base=base)
+    found = []
+    for name in MEDIA_FILES:
+        source = next((f for f in (Path(adapter_dir) / name, Path(base_path) / name) if f.is_file()), None)
+        found += [source] if source else []
+    return found
+
+
+def save_merged(peft_model, tokenizer, out_dir, also: list[Path] = ()) -> Path:
+    """The adapter folded into its base, saved with the tokenizer (and the files ``also`` names,
+    e.g. media_files); ``out_dir`` appears only complete."""
     out_dir = Path(out_dir)
     merged = peft_model.merge_and_unload()
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
@@ -417,6 +432,8 @@ def save_merged(peft_model, tokenizer, out_dir) -> Path:
     try:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for source in also:
+            shutil.copy2(source, tmp / Path(source).name)
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

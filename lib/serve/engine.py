@@ -45,13 +45,13 @@ def prepare_models(request: ServeRequest, serve_dir: Path, log=print) -> None:
         if snapshot is not None and snapshot.is_dir():
             log(f"serve: {target.served_name}: merged model in place ({snapshot})")
             continue
-        from slurmtune.evaluate.generate import load_to_merge, save_merged
+        from slurmtune.evaluate.generate import load_to_merge, media_files, save_merged
 
         model, tokenizer = load_to_merge(target.adapter)  # refuses weights that land in no module
         canary(model, tokenizer, target)
         log(f"serve: {target.name}: canary passed (the adapter changes the base's answer)")
         if snapshot is not None:
-            save_merged(model, tokenizer, snapshot)
+            save_merged(model, tokenizer, snapshot, media_files(target.adapter))
             (snapshot.parent.parent / "refs").mkdir(exist_ok=True)
             (snapshot.parent.parent / "refs" / "main").write_text(snapshot.name, encoding="utf-8")
             log(f"serve: {target.served_name}: merged into {snapshot}")

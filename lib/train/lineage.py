@@ -47,13 +47,16 @@ REDACTED = "<redacted>"
 
 def write_lineage(adapter_dir: str | Path, cfg, data_files: list[str], conversion_summary: dict | None,
                   sbatch_script: str | None, seeds: dict, started_at: str | None = None,
-                  memory: dict | None = None) -> Path:
+                  memory: dict | None = None, media: list[str] = ()) -> Path:
+    """``media``: the image and video files the rows name (a vision run), each hashed too."""
     from slurmtune.data.dataset import count_rows, file_sha256
 
     config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
     lineage = {
         "data_files": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p), "rows": count_rows(p)}
                        for p in data_files],
+        **({"media_files": [{"path": str(Path(m).resolve()), "sha256": file_sha256(m)} for m in sorted(set(media))]}
+           if media else {}),
         "conversion": _conversion_counts(conversion_summary),
         "config": config,
         "code": code_revision(),

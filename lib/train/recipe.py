@@ -58,8 +58,10 @@ from slurmtune.data.jsonio import write_json_atomic
 from slurmtune.data.dataset import (
     TrainRecords, count_trained_tokens, prepare_tokenizer, read_train_files, to_dataset,
 )
+from slurmtune.data.vision import is_vision_model
 
 FINAL_FILES_REMOVED = ("training_args.bin", "README.md")  # a pickle and an empty model card
+VISION_FILES = ("preprocessor_config.json", "chat_template.json")  # beside a vision adapter, as in its base
 # Keys that may change between attempts of one run without changing what is trained.
 RESUME_IGNORED = ("slurm", "eval", "description", "output_dir", "train.resume",
                   "distributed.timeout_s", "distributed.global_batch_size", "train.gradient_checkpointing")
@@ -163,6 +165,9 @@ class TrainingRecipe:
         self.forced_diff: list[str] = []  # config changes accepted by train.resume=force
         self.final_source: Path | None = None  # DeepSpeed: the checkpoint whose adapter final/ copies
         self.trainer = None
+        self.vision = is_vision_model(cfg.model.path)  # a model with a vision tower: the vision recipe
+        self.collator = None
+        self.media_files: list[str] = []  # the images and videos a vision run's rows name (lineage)
         self.log: TrainingLog | None = None
         self._undo: list[Callable[[], None]] = []
 
@@ -179,11 +184,14 @@ class TrainingRecipe:
         from slurmtune.train.tiny_model import ensure_model
 
         ensure_model(self.cfg.model)
-        self.tokenizer, template = prepare_tokenizer(self.cfg, data.kind)
-        report = count_trained_tokens(self.cfg, self.tokenizer, TrainRecords(data.kind, data.records[:16]),
-                                      template)
         self.data_files = data.files
-        train_dataset = to_dataset(data, self.tokenizer, self.cfg.train.loss_on, self.cfg.train.max_length)
+        if self.vision:
+            train_dataset, template, report = self._vision_data(data)
+        else:
+            self.tokenizer, template = prepare_tokenizer(self.cfg, data.kind)
+            report = count_trained_tokens(self.cfg, self.tokenizer, TrainRecords(data.kind, data.records[:16]),
+                                          template)
+            train_dataset = to_dataset(data, self.tokenizer, self.cfg.train.loss_on, self.cfg.train.max_length)
         eval_dataset = self._validation_dataset(data.kind)
         write_json_atomic(self.run_dir / CONFIG_FILE, self.config)
         self.log.line(f"start: {len(data.records)} {data.kind} rows from {len(data.files)} file(s), "
@@ -245,6 +253,22 @@ class TrainingRecipe:
             return world, "torch"
         return world, f"deepspeed-zero{zero_stage(read_deepspeed_config(Path(self.deepspeed)))}"
 
+    def _vision_data(self, data: TrainRecords):
+        """(the dataset, a description, the preflight report) of the vision recipe."""
+        from slurmtune.data.records import media_paths
+        from slurmtune.data.vision import with_absolute_media
+        from slurmtune.train.vision import VisionCollator, trained_tokens, vision_dataset, vision_encoder
+
+        encoder = vision_encoder(self.cfg, self.run_dir)
+        self.tokenizer = encoder.tokenizer
+        assistant_only = self.cfg.train.loss_on == "assistant"
+        self.collator = VisionCollator(encoder, self.cfg.train.max_length, assistant_only)
+        report = trained_tokens(encoder, TrainRecords(data.kind, data.records[:16], where=data.where[:16]),
+                                self.cfg.train.max_length, assistant_only)
+        self.media_files = [path for n, r in enumerate(data.records, 1)
+                            for _, path in media_paths(with_absolute_media(r, data.row(n)))]
+        return vision_dataset(data), "the model's vision chat template", report
+
     def _validation_dataset(self, kind: str):
         if not self.validation_file:
             return None
@@ -253,6 +277,9 @@ class TrainingRecipe:
             raise UsageError(f"{self.validation_file}: {data.kind} records, but the training files hold "
                              f"{kind} records; fix: validate on the same kind of records")
         self.data_files = self.data_files + data.files
+        if self.vision:
+            from slurmtune.train.vision import vision_dataset
+            return vision_dataset(data)
         return to_dataset(data, self.tokenizer, self.cfg.train.loss_on, self.cfg.train.max_length)
 
     def _build_trainer(self, kind: str, train_dataset, eval_dataset):
@@ -268,14 +295,19 @@ class TrainingRecipe:
         # weight straight into its rank's partition instead of a whole copy per process.
         args = sft_config(self.cfg, self.run_dir, self.device, kind, eval_dataset is not None, self.deepspeed) \
             if self.deepspeed else None
+        targets = list(lora.target_modules)
+        if self.vision:
+            from slurmtune.train.vision import language_model_targets
+            targets = language_model_targets(targets)
         trainer = trainer_class()(
             model=load_model(self.cfg, self.device),
             args=args or sft_config(self.cfg, self.run_dir, self.device, kind, eval_dataset is not None),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=self.tokenizer,
+            data_collator=self.collator,
             peft_config=LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                   target_modules=list(lora.target_modules), task_type="CAUSAL_LM"),
+                                   target_modules=targets, task_type="CAUSAL_LM"),
             callbacks=callbacks,
             checkpoint_root=self.checkpoint_root,
             run_config=self.config,
@@ -377,9 +409,13 @@ class TrainingRecipe:
         if trainer.args.should_save:
             for name in FINAL_FILES_REMOVED:
                 (tmp / name).unlink(missing_ok=True)
+            for name in VISION_FILES if self.vision else ():  # the image processor and the media template
+                if (Path(self.cfg.model.path) / name).is_file():
+                    shutil.copy2(Path(self.cfg.model.path) / name, tmp / name)
             write_lineage(tmp, self.config, [f.path for f in self.data_files], self.conversion_summary,
                           self.sbatch_script, seeds={"seed": self.cfg.train.seed, "data_seed": self.cfg.data.seed},
-                          started_at=self.started_at, memory=self.memory.measured(self.log))
+                          started_at=self.started_at, memory=self.memory.measured(self.log),
+                          media=self.media_files)
             replace_dir(tmp, final)
         trainer.accelerator.wait_for_everyone()
         return final
@@ -523,7 +559,7 @@ def detect_device() -> Device:
 
 def load_model(cfg: RunConfig, device: Device):
     """The base model for ``train.method``, ready for a LoRA adapter."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     method = cfg.train.method
     kwargs = {"local_files_only": True, "dtype": device.dtype,
@@ -532,7 +568,8 @@ def load_model(cfg: RunConfig, device: Device):
         kwargs["quantization_config"] = _quantization(method, device)
         kwargs["device_map"] = {"": device.index}  # bitsandbytes quantizes while placing the weights
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **kwargs)
+        auto = AutoModelForImageTextToText if is_vision_model(cfg.model.path) else AutoModelForCausalLM
+        model = auto.from_pretrained(cfg.model.path, **kwargs)
     except ImportError as e:
         raise UsageError(f"train.method={method}: {e}; fix: install bitsandbytes, or train.method=lora") from None
     if method in ("qlora", "lora-8bit"):
@@ -588,19 +625,25 @@ def sft_config(cfg: RunConfig, run_dir: Path, device: Device, kind: str, validat
         metric_for_best_model="eval_loss" if validation else None,
         greater_is_better=False if validation else None,
         restore_callback_states_from_checkpoint=True,  # the early-stopping counter survives a resume
-        logging_strategy="steps",
-        logging_steps=1,
-        report_to=["tensorboard"],
+        logging_strategy="steps", logging_steps=1, report_to=["tensorboard"],
         # transformers 5.23's name of gradient_checkpointing
         activation_checkpointing=checkpoints_activations(cfg, device.cuda),
         use_cpu=not device.cuda,
         bf16=device.dtype == torch.bfloat16,
         fp16=device.dtype == torch.float16,
         dataloader_num_workers=0,  # one process draws the data order: same order after a resume
+        **_vision_args(cfg),
         dataloader_pin_memory=device.cuda,
         disable_tqdm=not sys.stdout.isatty(),
         **distributed,
     )
+
+
+def _vision_args(cfg: RunConfig) -> dict:
+    """Vision rows stay records until the collator encodes a batch (slurmtune.train.vision)."""
+    if not is_vision_model(cfg.model.path):
+        return {}
+    return {"remove_unused_columns": False, "dataset_kwargs": {"skip_prepare_dataset": True}}
 
 
 def checkpoints_activations(cfg: RunConfig, on_gpu: bool) -> bool:

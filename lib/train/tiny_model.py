@@ -317,3 +317,52 @@ def tiny_corpus() -> list[str]:
     lines.extend(f"[{m:02d}:{(7 * m) % 60:02d}] {_TRANSCRIPT[m % len(_TRANSCRIPT)]}" for m in range(60))
     lines.append("0 1 2 3 4 5 6 7 8 9 0123456789 {}[]\":,.!?'-()")
     return lines
+
+
+# --- a tiny vision-language model --------------------------------------------------------
+
+VLM_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "chat_template.json",
+             "preprocessor_config.json", "generation_config.json")
+
+
+def make_tiny_vlm(out_dir: str | Path, source: str | Path, seed: int = 0) -> Path:
+    """A random 2-layer Qwen2.5-VL with a 2-block vision tower, with the real tokenizer, chat
+    template and image processor config of ``source`` (a Qwen2.5-VL model folder without
+    weights, e.g. ../shared/models/qwen2.5-vl-instruct)::
+
+        path = make_tiny_vlm(tmp_path / "tiny-vl", "../shared/models/qwen2.5-vl-instruct")
+        AutoModelForImageTextToText.from_pretrained(path)    # about 10 M parameters, mostly embeddings
+
+    The token ids (image, video, vision start/end) and the vision geometry (14-pixel patches,
+    2x2 merge, 2 frames per temporal patch) are the source's; only the widths and depths shrink.
+    """
+    import shutil
+
+    from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
+
+    source, out_dir = Path(source), Path(out_dir)
+    real = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    if real.get("model_type") != "qwen2_5_vl":
+        raise UsageError(f"{source}: model_type {real.get('model_type')!r}; expected a Qwen2.5-VL folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in VLM_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out_dir / name)
+    ids = {k: real[k] for k in ("bos_token_id", "eos_token_id", "vision_start_token_id", "vision_end_token_id",
+                                "vision_token_id", "image_token_id", "video_token_id")}
+    vision = real["vision_config"]
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "vocab_size": real["vocab_size"], "max_position_embeddings": 4096,
+                     "rope_theta": real["rope_theta"], "rms_norm_eps": real["rms_norm_eps"],
+                     "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}, **ids},
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                       "patch_size": vision["patch_size"], "spatial_merge_size": vision["spatial_merge_size"],
+                       "temporal_patch_size": vision["temporal_patch_size"], "window_size": vision["window_size"],
+                       "fullatt_block_indexes": [1], "tokens_per_second": vision["tokens_per_second"]},
+        tie_word_embeddings=True, **ids)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,259 @@
+"""Chat records with images and videos, as a vision-language model takes them: one way for
+training, evaluation and serving.
+
+::
+
+    if is_vision_model("models/qwen2.5-vl-7b"):
+        encoder = load_encoder("models/qwen2.5-vl-7b", VisionSettings(fps=2.0, max_frames=16,
+                                                                     max_pixels=200_704), cache_dir="runs/r1/frames")
+        row = encoder.encode(record, max_length=4096)   # input_ids, labels, pixel_values, image_grid_thw, ...
+        batch = encoder.collate([row, ...])             # padded tensors for model(**batch)
+        encoder.count(record)                           # tokens the row will take, from the files' sizes alone
+
+The chat template renders each image or video part as its placeholder (Qwen2.5-VL:
+``<|vision_start|><|image_pad|><|vision_end|>``); the assistant's tokens are found from the
+template's own renderings (slurmtune.data.templates.assistant_mask), then each placeholder is
+expanded to one token per merged patch of its media. Labels are the token ids on each assistant
+turn's content and end-of-turn token and -100 everywhere else: prompts, placeholders and
+padding never carry loss. A row longer than ``max_length`` is an error with its numbers, never
+cut: a cut through an image's tokens leaves the model fewer placeholders than image features.
+
+Images are sized by Pillow within ``max_pixels`` and made patches by the model's own image
+processor (transformers' Pillow backend). transformers' video processors need torchvision, which
+has no CPU build for torch 2.13 here, so frames (slurmtune.data.media: sampled at ``fps``, cached)
+are made patches here, in the video processor's layout: pairs of frames form one temporal patch,
+and ``second_per_grid_ts`` carries the sampled rate to the model's temporal positions. The layout
+is tested against the image processor (two identical frames are that image).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from slurmtune.data.context import with_context
+from slurmtune.data.media import FrameCache, fit_pixels, load_image, probe, sample_times
+from slurmtune.data.records import PART_TYPES
+from slurmtune.errors import DataError, UsageError
+
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+IGNORE = -100
+
+
+def model_type(model_dir: str | Path) -> str | None:
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text(encoding="utf-8")).get("model_type")
+
+
+def is_vision_model(model_dir: str | Path) -> bool:
+    """Whether the model folder holds a vision-language model (its config has a vision tower)."""
+    config = Path(model_dir) / "config.json"
+    return config.is_file() and "vision_config" in json.loads(config.read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
+class VisionSettings:
+    fps: float = 2.0
+    max_frames: int = 16
+    max_pixels: int = 448 * 448
+
+
+def load_encoder(model_dir: str | Path, settings: VisionSettings, cache_dir: str | Path) -> "QwenVLEncoder":
+    kind = model_type(model_dir)
+    if kind in QWEN_FAMILIES:
+        return QwenVLEncoder(model_dir, settings, cache_dir)
+    raise UsageError(f"{model_dir}: vision-language model type {kind!r} has no recipe yet; "
+                     f"expected one of {', '.join(QWEN_FAMILIES)}")
+
+
+def template_messages(messages: list[dict]) -> list[dict]:
+    """Turns as a vision template takes them: media parts kept in place, passages opening their
+    user turn, an assistant's content as its text."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if m.get("role") == "assistant" and isinstance(content, list):
+            content = "\n".join(p.get("text", "") for p in content if p.get("type") == "text")
+        if m.get("context"):
+            if isinstance(content, list):
+                content = [{"type": "text", "text": with_context("", m["context"]).rstrip()}, *content]
+            else:
+                content = with_context(content or "", m["context"])
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def media_parts(messages: list[dict]) -> list[tuple[str, str]]:
+    """(kind, path) of every image and video part, in the order the template renders them."""
+    found = []
+    for m in messages:
+        if isinstance(m.get("content"), list):
+            found += [(p["type"], p[PART_TYPES[p["type"]]]) for p in m["content"]
+                      if isinstance(p, dict) and p.get("type") in ("image", "video")]
+    return found
+
+
+def with_absolute_media(record: dict, where: str) -> dict:
+    """``record`` with relative image/video paths made absolute against the folder of the file
+    it came from (``where``: "file:line"), as `validate --check-paths` reads them."""
+    folder = Path(where.rsplit(":", 1)[0]).parent
+    messages = []
+    for m in record["messages"]:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = [{**part, PART_TYPES[part["type"]]: str(folder / part[PART_TYPES[part["type"]]])}
+                       if isinstance(part, dict) and part.get("type") in ("image", "video")
+                       and not Path(part.get(PART_TYPES[part["type"]], "")).is_absolute() else part
+                       for part in content]
+        messages.append({**m, "content": content})
+    return {**record, "messages": messages}
+
+
+class RowTooLong(DataError):
+    pass
+
+
+class QwenVLEncoder:
+    """Qwen2-VL / Qwen2.5-VL rows: 14-pixel patches merged 2x2, 2 frames per temporal patch."""
+
+    def __init__(self, model_dir: str | Path, settings: VisionSettings, cache_dir: str | Path):
+        from transformers import AutoTokenizer
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        model_dir = Path(model_dir)
+        self.settings = settings
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        template_file = model_dir / "chat_template.json"
+        if template_file.is_file():  # the processor's template (media placeholders) over the tokenizer's
+            self.tokenizer.chat_template = json.loads(template_file.read_text(encoding="utf-8"))["chat_template"]
+        self.images = Qwen2VLImageProcessorPil.from_pretrained(model_dir, local_files_only=True)
+        self.patch, self.merge = self.images.patch_size, self.images.merge_size
+        self.temporal = self.images.temporal_patch_size
+        self.factor = self.patch * self.merge
+        self.pad_ids = {kind: self.tokenizer.convert_tokens_to_ids(token)
+                        for kind, token in (("image", "<|image_pad|>"), ("video", "<|video_pad|>"))}
+        self.cache = FrameCache(cache_dir)
+
+    # --- tokens --------------------------------------------------------------------------
+    def encode(self, record: dict, max_length: int | None = None, where: str = "row",
+               assistant_only: bool = True) -> dict:
+        """The model's inputs and labels for one chat record (``assistant_only=False``: every text
+        token carries loss, the media placeholders and padding still none)."""
+        from slurmtune.data.templates import assistant_mask
+
+        messages = template_messages(record["messages"])
+        turn = assistant_mask(self.tokenizer, messages)
+        media = [self._image(path) if kind == "image" else self._video(path) for kind, path in media_parts(messages)]
+        ids, labels, used = [], [], 0
+        for token, trained in zip(turn.ids, turn.mask):
+            if token in (self.pad_ids["image"], self.pad_ids["video"]) and used < len(media):
+                count = media[used]["tokens"]
+                ids += [token] * count
+                labels += [IGNORE] * count
+                used += 1
+                continue
+            ids.append(token)
+            labels.append(token if trained or not assistant_only else IGNORE)
+        if used != len(media):
+            raise DataError(where, None, f"the chat template rendered {used} media placeholders for "
+                                         f"{len(media)} image/video parts")
+        if max_length and len(ids) > max_length:
+            raise RowTooLong(where, None, self._too_long(len(ids), sum(m["tokens"] for m in media), max_length))
+        return {"input_ids": ids, "labels": labels, "media": media}
+
+    def count(self, record: dict) -> tuple[int, int, int]:
+        """(all tokens, media tokens, trained tokens) of a row, from the media files' sizes and
+        lengths alone (nothing decoded: the login node counts every row in seconds)."""
+        from slurmtune.data.templates import assistant_mask
+
+        messages = template_messages(record["messages"])
+        turn = assistant_mask(self.tokenizer, messages)
+        parts = media_parts(messages)
+        tokens = sum(self._grid_tokens(*self._image_grid(path)) if kind == "image" else
+                     self._grid_tokens(*self._video_grid(path)) for kind, path in parts)
+        return len(turn.ids) - len(parts) + tokens, tokens, sum(turn.mask)
+
+    def too_long(self, total: int, media: int, max_length: int) -> str:
+        return self._too_long(total, media, max_length)
+
+    def _too_long(self, total: int, media: int, max_length: int) -> str:
+        s = self.settings
+        return (f"{total} tokens ({media} of them images/video) over train.max_length {max_length}; a cut row "
+                f"would lose its answer or split an image's tokens; fix: train.max_length={total}, or fewer "
+                f"tokens per frame/image (vision.max_pixels, now {s.max_pixels}) or frames (vision.max_frames, "
+                f"now {s.max_frames})")
+
+    def _grid_tokens(self, t: int, h: int, w: int) -> int:
+        return t * h * w // (self.merge * self.merge)
+
+    def _image_grid(self, path: str) -> tuple[int, int, int]:
+        info = probe(path, "image")
+        width, height = fit_pixels(info.width, info.height, self.settings.max_pixels, self.factor)
+        return 1, height // self.patch, width // self.patch
+
+    def _video_grid(self, path: str) -> tuple[int, int, int]:
+        s = self.settings
+        info = probe(path, "video")
+        frames = len(sample_times(info.duration_s, s.fps, s.max_frames)[0])
+        width, height = fit_pixels(info.width, info.height, s.max_pixels, self.factor)
+        return -(-frames // self.temporal), height // self.patch, width // self.patch
+
+    # --- pixels ----------------------------------------------------------------------------
+    def _image(self, path: str) -> dict:
+        image = load_image(path, self.settings.max_pixels, self.factor)
+        out = self.images(images=[image], min_pixels=self.factor ** 2, max_pixels=self.settings.max_pixels,
+                          return_tensors="np")
+        grid = tuple(int(x) for x in out["image_grid_thw"][0])
+        return {"kind": "image", "pixels": out["pixel_values"], "grid": grid, "tokens": self._grid_tokens(*grid)}
+
+    def _video(self, path: str) -> dict:
+        s = self.settings
+        clip = self.cache.video(path, s.fps, s.max_frames, s.max_pixels, self.factor)
+        pixels, grid = self.video_patches(clip.frames)
+        return {"kind": "video", "pixels": pixels, "grid": grid, "tokens": self._grid_tokens(*grid),
+                "second_per_grid": self.temporal / clip.fps}
+
+    def video_patches(self, frames: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """(patches, (t, h, w) grid) of (T, H, W, 3) uint8 frames, as Qwen's video processor lays
+        them out; a last frame is repeated to fill the last temporal patch."""
+        ip, p, m, tp = self.images, self.patch, self.merge, self.temporal
+        if len(frames) % tp:
+            frames = np.concatenate([frames, np.repeat(frames[-1:], tp - len(frames) % tp, axis=0)])
+        x = frames.astype(np.float32) * ip.rescale_factor
+        x = (x - np.asarray(ip.image_mean, np.float32)) / np.asarray(ip.image_std, np.float32)
+        x = x.transpose(0, 3, 1, 2)  # (T, C, H, W)
+        t, c, height, width = x.shape
+        gt, gh, gw = t // tp, height // p, width // p
+        x = x.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
+        x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, gh/m, gw/m, m, m, C, tp, p, p)
+        return np.ascontiguousarray(x.reshape(gt * gh * gw, c * tp * p * p)), (gt, gh, gw)
+
+    # --- batches ---------------------------------------------------------------------------
+    def collate(self, rows: list[dict]) -> dict:
+        """Rows padded on the right into one batch; the media of all rows concatenated in order."""
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        batch = {
+            "input_ids": torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
+                                            for r in rows]),
+            "labels": torch.tensor([r["labels"] + [IGNORE] * (width - len(r["labels"])) for r in rows]),
+        }
+        media = [m for r in rows for m in r["media"]]
+        images = [m for m in media if m["kind"] == "image"]
+        videos = [m for m in media if m["kind"] == "video"]
+        if images:
+            batch["pixel_values"] = torch.from_numpy(np.concatenate([m["pixels"] for m in images]))
+            batch["image_grid_thw"] = torch.tensor([m["grid"] for m in images])
+        if videos:
+            batch["pixel_values_videos"] = torch.from_numpy(np.concatenate([m["pixels"] for m in videos]))
+            batch["video_grid_thw"] = torch.tensor([m["grid"] for m in videos])
+            batch["second_per_grid_ts"] = torch.tensor([m["second_per_grid"] for m in videos])
+        return batch

@@ -1,0 +1,152 @@
+"""The vision recipe on a tiny Qwen2.5-VL built from the real processor config, tokenizer and
+chat template (../shared/models/qwen2.5-vl-instruct), with real PNGs and real videos written
+with PyAV: labels on the answer only, token by token; video patches in the layout of the model's
+own image processor; rows counted on the login node exactly as they are encoded; a row too long
+refused before anything is created; and a run of image, video and text-only rows trained end to
+end, its adapter on the language model only, merged into a folder that loads without peft."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, write_jsonl
+from test_media import write_video
+from slurmtune.data.vision import VisionSettings, load_encoder
+from slurmtune.train.tiny_model import make_tiny_vlm
+
+QWEN_VL = REPO.parent / "shared" / "models" / "qwen2.5-vl-instruct"
+SETTINGS = VisionSettings(fps=2.0, max_frames=4, max_pixels=56 * 56)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("vision")
+    Image.new("RGB", (100, 60), (200, 10, 10)).save(root / "page.png")
+    return {"root": root, "model": make_tiny_vlm(root / "tiny-vl", QWEN_VL),
+            "image": root / "page.png", "video": write_video(root / "talk.mp4")}
+
+
+@pytest.fixture
+def encoder(media, tmp_path):
+    return load_encoder(media["model"], SETTINGS, tmp_path / "frames")
+
+
+def row(media, answer: str = '{"score": 4}') -> dict:
+    return {"messages": [
+        {"role": "system", "content": "You grade speeches."},
+        {"role": "user", "content": [{"type": "text", "text": "Score the talk; the slide is attached."},
+                                     {"type": "image", "image": str(media["image"])},
+                                     {"type": "video", "video": str(media["video"])}]},
+        {"role": "assistant", "content": answer}]}
+
+
+def test_only_the_answer_carries_loss_token_by_token(encoder, media):
+    encoded = encoder.encode(row(media))
+    ids, labels, tok = encoded["input_ids"], encoded["labels"], encoder.tokenizer
+    trained = [i for i, label in enumerate(labels) if label != -100]
+    assert [labels[i] for i in trained] == [ids[i] for i in trained]
+    assert tok.decode([ids[i] for i in trained]) == '{"score": 4}<|im_end|>'
+    assert trained == list(range(trained[0], trained[-1] + 1)) and trained[-1] == len(ids) - 2  # then "\n"
+    image, video = encoded["media"]
+    assert (image["grid"], image["tokens"]) == ((1, 2, 4), 2)  # 100x60 within 56x56 pixels: 28x56
+    assert (video["grid"], video["tokens"]) == ((2, 4, 4), 8)  # 4 frames of 56x56: 2 temporal patches
+    assert video["second_per_grid"] == pytest.approx(1.5)  # 4 frames over 3 s: 2 frames per 1.5 s
+    pads = {t: sum(i == tok.convert_tokens_to_ids(t) for i in ids) for t in ("<|image_pad|>", "<|video_pad|>")}
+    assert pads == {"<|image_pad|>": 2, "<|video_pad|>": 8}
+    assert all(labels[i] == -100 for i, t in enumerate(ids) if t in [tok.convert_tokens_to_ids(p) for p in pads])
+    system = tok.decode(ids[:trained[0]])
+    assert system.startswith("<|im_start|>system\nYou grade speeches.<|im_end|>\n<|im_start|>user\n")
+    assert system.endswith("<|im_start|>assistant\n")
+
+
+def test_video_patches_are_laid_out_as_the_image_processor_lays_out_an_image(encoder, media):
+    """Two identical frames are one temporal patch of that image (the image processor repeats an
+    image to fill its temporal patch): the same numbers in the same order."""
+    frame = np.asarray(Image.open(media["image"]).convert("RGB").resize((56, 28)))
+    video, grid = encoder.video_patches(np.stack([frame, frame]))
+    image = encoder.images(images=[Image.fromarray(frame)], min_pixels=28 * 28, max_pixels=56 * 56,
+                           return_tensors="np")
+    assert grid == tuple(image["image_grid_thw"][0]) == (1, 2, 4)
+    assert video.shape == image["pixel_values"].shape == (8, 1176)
+    np.testing.assert_allclose(video, image["pixel_values"], rtol=1e-5, atol=1e-5)
+    odd, grid = encoder.video_patches(np.stack([frame, frame, frame]))  # the last frame fills the pair
+    assert grid == (2, 2, 4) and np.array_equal(odd[8:], odd[:8])
+
+
+def test_the_login_node_count_is_what_training_encodes(encoder, media):
+    record = row(media)
+    counted = encoder.count(record)
+    assert not encoder.cache.root.exists()  # counting decodes nothing and writes nothing
+    encoded = encoder.encode(record)
+    assert counted == (len(encoded["input_ids"]), 10, sum(label != -100 for label in encoded["labels"]))
+    assert len(list(encoder.cache.root.glob("*.npy"))) == 1
+
+
+def manifest(tmp_path: Path, media: dict, rows: list[dict], **train) -> Path:
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    settings = {"method": "lora", "max_steps": 3, "batch_size": 2, "grad_accum": 1, "max_length": 256,
+                "save_steps": 2, **train}
+    path = tmp_path / "vl.yaml"
+    path.write_text(json.dumps({
+        "name": "vl", "output_dir": str(tmp_path / "runs"), "model": {"path": str(media["model"])},
+        "data": {"train_files": [str(data)]}, "lora": {"r": 4, "target_modules": ["q_proj", "v_proj", "gate_proj"]},
+        "train": settings, "vision": {"fps": 2.0, "max_frames": 4, "max_pixels": 3136}, "slurm": {"gpus": 0}}))
+    return path
+
+
+def test_a_row_too_long_is_refused_on_the_login_node_with_its_numbers(cli, media, tmp_path):
+    rows = [row(media), {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    r = cli("run", manifest(tmp_path, media, rows, max_length=40), "--executor", "debug")
+    assert r.code == 1
+    line = next(x for x in r.err.splitlines() if "train.jsonl:1" in x).strip()
+    assert line.startswith(f"{tmp_path / 'train.jsonl'}:1: ")
+    assert "tokens (10 of them images/video) over train.max_length 40" in line
+    assert "vision.max_pixels, now 3136" in line and "vision.max_frames, now 4" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_media_is_refused_on_the_login_node(cli, media, tmp_path):
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    bad = row(media)
+    bad["messages"][1]["content"][2]["video"] = str(tmp_path / "empty.mp4")
+    r = cli("run", manifest(tmp_path, media, [row(media), bad]), "--executor", "debug")
+    assert r.code == 1
+    assert (f"{tmp_path / 'train.jsonl'}:2: messages[1].content[2].video: {tmp_path / 'empty.mp4'} is empty "
+            "(0 bytes)") in r.err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_images_videos_and_text_rows_train_into_a_language_model_adapter(cli, media, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    text_only = {"messages": [{"role": "user", "content": "A text-only question."},
+                              {"role": "assistant", "content": "A text answer."}]}
+    Image.open(media["image"]).save(tmp_path / "beside.png")
+    relative = row(media)  # a path relative to the data file's folder, as validate reads it
+    relative["messages"][1]["content"][1]["image"] = "beside.png"
+    rows = [row(media, f'{{"score": {i}}}') for i in range(4)] + [relative, text_only]
+    r = cli("run", manifest(tmp_path, media, rows), "--executor", "debug")
+    assert r.code == 0, r.err
+    run = next((tmp_path / "runs").iterdir())
+    final = run / "final"
+    with safe_open(str(final / "adapter_model.safetensors"), "pt") as f:
+        keys = sorted(f.keys())
+    assert len(keys) == 12 and all(".language_model.layers." in k for k in keys)  # the tower stays frozen
+    assert {"preprocessor_config.json", "chat_template.json"} <= {p.name for p in final.iterdir()}
+    assert len(list((run / "frames").glob("*.npy"))) == 1  # one video, decoded once over 3 steps
+    lineage = json.loads((final / "lineage.json").read_text())
+    assert lineage["data_files"][0]["rows"] == 6
+    assert [m["path"] for m in lineage["media_files"]] == sorted([str(media["image"]), str(media["video"]),
+                                                                  str(tmp_path / "beside.png")])
+    assert all(len(m["sha256"]) == 64 for m in lineage["media_files"])
+    merged = tmp_path / "merged"
+    assert cli("merge", final, "--out", merged).code == 0
+    model = AutoModelForImageTextToText.from_pretrained(merged)  # no peft
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert (merged / "preprocessor_config.json").is_file()
