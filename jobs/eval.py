@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from slurmtune.config import RunConfig
+from slurmtune.data.vision import VisionSettings
 from slurmtune.runs.folder import eval_file
 
 from slurmtune.jobs.base import Job
@@ -28,7 +29,9 @@ class EvalJob(Job):
         out = shard_file(self.run_dir, shard, cfg.eval.shards)
         e = cfg.eval
         client = endpoint_client(e.endpoint, e.endpoint_model, e.endpoint_concurrency) if e.endpoint else None
+        v = cfg.vision
         predict_file(cfg.model.path, eval_file(cfg, self.run_dir), out, adapter=str(Path(self.run_dir) / "final"),
                      shard=(shard, e.shards), batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                     client=client)
+                     client=client, vision=VisionSettings(v.fps, v.max_frames, v.max_pixels),
+                     cache_dir=Path(self.run_dir) / "frames")  # the frames training decoded
         return str(out)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from conftest import REPO, write_jsonl
+from conftest import REPO, read_jsonl, write_jsonl
 from test_media import write_video
 from slurmtune.data.vision import VisionSettings, load_encoder
 from slurmtune.train.tiny_model import make_tiny_vlm
@@ -87,14 +88,37 @@ def test_the_login_node_count_is_what_training_encodes(encoder, media):
     assert len(list(encoder.cache.root.glob("*.npy"))) == 1
 
 
-def manifest(tmp_path: Path, media: dict, rows: list[dict], **train) -> Path:
+def question(media, kind: str, expected: str) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "text", "text": "What does it show?"},
+                                                       {"type": kind, kind: str(media[kind])}]}],
+            "expected": expected}
+
+
+def test_batched_answers_equal_one_at_a_time(encoder, media):
+    """Left padding must not move an image's tokens in time or space (Qwen's 3-D positions)."""
+    from transformers import AutoModelForImageTextToText
+
+    from slurmtune.evaluate.generate import predict_vision
+
+    model = AutoModelForImageTextToText.from_pretrained(media["model"]).eval()
+    torch.manual_seed(0)  # an untied random head: the tied one only repeats the last token ("\n")
+    model.lm_head = torch.nn.Linear(64, model.lm_head.out_features, bias=False)
+    records = [question(media, "image", "a"), question(media, "video", "b"),
+               {"messages": [{"role": "user", "content": "A text-only question, longer than the others are."}]}]
+    alone = [predict_vision(model, encoder, [r], 1, 6)[0] for r in records]
+    assert predict_vision(model, encoder, records, 3, 6) == alone
+    assert len(set(alone)) == 3 and all(alone)  # three different, non-empty answers
+
+
+def manifest(tmp_path: Path, media: dict, rows: list[dict], eval_rows: list[dict] = (), **train) -> Path:
     data = write_jsonl(tmp_path / "train.jsonl", rows)
+    evals = {"eval_file": str(write_jsonl(tmp_path / "eval.jsonl", eval_rows))} if eval_rows else {}
     settings = {"method": "lora", "max_steps": 3, "batch_size": 2, "grad_accum": 1, "max_length": 256,
                 "save_steps": 2, **train}
     path = tmp_path / "vl.yaml"
     path.write_text(json.dumps({
         "name": "vl", "output_dir": str(tmp_path / "runs"), "model": {"path": str(media["model"])},
-        "data": {"train_files": [str(data)]}, "lora": {"r": 4, "target_modules": ["q_proj", "v_proj", "gate_proj"]},
+        "data": {"train_files": [str(data)], **evals}, "eval": {"max_new_tokens": 8, "batch_size": 2}, "lora": {"r": 4, "target_modules": ["q_proj", "v_proj", "gate_proj"]},
         "train": settings, "vision": {"fps": 2.0, "max_frames": 4, "max_pixels": 3136}, "slurm": {"gpus": 0}}))
     return path
 
@@ -131,9 +155,13 @@ def test_images_videos_and_text_rows_train_into_a_language_model_adapter(cli, me
     relative = row(media)  # a path relative to the data file's folder, as validate reads it
     relative["messages"][1]["content"][1]["image"] = "beside.png"
     rows = [row(media, f'{{"score": {i}}}') for i in range(4)] + [relative, text_only]
-    r = cli("run", manifest(tmp_path, media, rows), "--executor", "debug")
+    evals = [question(media, "image", "red"), question(media, "video", "a talk")]
+    r = cli("run", manifest(tmp_path, media, rows, evals), "--executor", "debug")
     assert r.code == 0, r.err
     run = next((tmp_path / "runs").iterdir())
+    predictions = read_jsonl(run / "predictions.jsonl")
+    assert [p["expected"] for p in predictions] == ["red", "a talk"] and all("actual" in p for p in predictions)
+    assert (run / "report.html").is_file()
     final = run / "final"
     with safe_open(str(final / "adapter_model.safetensors"), "pt") as f:
         keys = sorted(f.keys())

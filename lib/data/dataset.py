@@ -325,8 +325,8 @@ def refuse_media_rows(data: TrainRecords) -> None:
         named = ", ".join(f"{data.row(n)}: {found[0][0]}" for n, found in rows[:5])
         more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
         raise UsageError(f"{len(rows)} row(s) have image or video parts ({named}{more}), and the text recipe would "
-                         "train on placeholder words instead of the media; fix: train on text-only rows (this "
-                         "version has no vision-language recipe)")
+                         "train on placeholder words instead of the media; fix: model.path = a vision-language "
+                         "model (Qwen2.5-VL: the vision recipe), or train on text-only rows")
 
 
 def _encode(tokenizer, record: dict, kind: str, loss_on: str) -> tuple[list[int], list[bool], int]:

@@ -148,23 +148,37 @@ class QwenVLEncoder:
 
         messages = template_messages(record["messages"])
         turn = assistant_mask(self.tokenizer, messages)
-        media = [self._image(path) if kind == "image" else self._video(path) for kind, path in media_parts(messages)]
-        ids, labels, used = [], [], 0
-        for token, trained in zip(turn.ids, turn.mask):
-            if token in (self.pad_ids["image"], self.pad_ids["video"]) and used < len(media):
-                count = media[used]["tokens"]
-                ids += [token] * count
-                labels += [IGNORE] * count
-                used += 1
-                continue
-            ids.append(token)
-            labels.append(token if trained or not assistant_only else IGNORE)
-        if used != len(media):
-            raise DataError(where, None, f"the chat template rendered {used} media placeholders for "
-                                         f"{len(media)} image/video parts")
+        mask = [bool(m) or not assistant_only for m in turn.mask]
+        ids, labels, media = self._expand(turn.ids, mask, messages, where)
         if max_length and len(ids) > max_length:
             raise RowTooLong(where, None, self._too_long(len(ids), sum(m["tokens"] for m in media), max_length))
         return {"input_ids": ids, "labels": labels, "media": media}
+
+    def prompt(self, messages: list[dict], where: str = "row") -> dict:
+        """The inputs a model answers from: ``messages`` and the assistant's opening (for generation)."""
+        messages = template_messages(messages)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids, _, media = self._expand(ids, [False] * len(ids), messages, where)
+        return {"input_ids": ids, "labels": [IGNORE] * len(ids), "media": media}
+
+    def _expand(self, ids: list[int], mask: list[bool], messages: list[dict], where: str):
+        """Each media placeholder expanded to one token per merged patch (never trained)."""
+        media = [self._image(path) if kind == "image" else self._video(path) for kind, path in media_parts(messages)]
+        out, labels, used = [], [], 0
+        for token, trained in zip(ids, mask):
+            if token in (self.pad_ids["image"], self.pad_ids["video"]) and used < len(media):
+                count = media[used]["tokens"]
+                out += [token] * count
+                labels += [IGNORE] * count
+                used += 1
+                continue
+            out.append(token)
+            labels.append(token if trained else IGNORE)
+        if used != len(media):
+            raise DataError(where, None, f"the chat template rendered {used} media placeholders for "
+                                         f"{len(media)} image/video parts")
+        return out, labels, media
 
     def count(self, record: dict) -> tuple[int, int, int]:
         """(all tokens, media tokens, trained tokens) of a row, from the media files' sizes and
@@ -234,18 +248,22 @@ class QwenVLEncoder:
         return np.ascontiguousarray(x.reshape(gt * gh * gw, c * tp * p * p)), (gt, gh, gw)
 
     # --- batches ---------------------------------------------------------------------------
-    def collate(self, rows: list[dict]) -> dict:
-        """Rows padded on the right into one batch; the media of all rows concatenated in order."""
+    def collate(self, rows: list[dict], left: bool = False) -> dict:
+        """Rows padded into one batch (on the right; ``left`` for generation, where answers grow at
+        the right edge); the media of all rows concatenated in order."""
         import torch
 
         width = max(len(r["input_ids"]) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        batch = {
-            "input_ids": torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows]),
-            "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
-                                            for r in rows]),
-            "labels": torch.tensor([r["labels"] + [IGNORE] * (width - len(r["labels"])) for r in rows]),
-        }
+
+        def padded(values: list, fill) -> list:
+            extra = [fill] * (width - len(values))
+            return extra + values if left else values + extra
+
+        batch = {"input_ids": torch.tensor([padded(r["input_ids"], pad) for r in rows]),
+                 "attention_mask": torch.tensor([padded([1] * len(r["input_ids"]), 0) for r in rows])}
+        if not left:
+            batch["labels"] = torch.tensor([padded(r["labels"], IGNORE) for r in rows])
         media = [m for r in rows for m in r["media"]]
         images = [m for m in media if m["kind"] == "image"]
         videos = [m for m in media if m["kind"] == "video"]

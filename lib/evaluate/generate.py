@@ -205,9 +205,13 @@ def adapter_key_problem(peft_model, adapter_dir) -> str | None:
 
 
 def _load_base(path: str, dtype):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from slurmtune.data.vision import is_vision_model
+
+    auto = AutoModelForImageTextToText if is_vision_model(path) else AutoModelForCausalLM
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        return auto.from_pretrained(path, dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as e:
         raise UsageError(f"{path}: cannot load a model from this folder or the local cache ({e}); "
                          "nothing is downloaded on compute nodes: copy the model there first") from None
@@ -241,12 +245,38 @@ def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -
     config = _greedy_config(model, tokenizer, max_new_tokens)
     width = max(len(p) for p in prompts)
     pad = config.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
-                                  device=model.device)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return _answers(model, tokenizer, {"input_ids": input_ids, "attention_mask": attention_mask}, config)
+
+
+def predict_vision(model, encoder, records: list[dict], batch_size: int = 8, max_new_tokens: int = 256,
+                   source: str = "eval") -> list[str]:
+    """Greedy answers of a vision-language model to ``records`` (their images and videos read as
+    training read them: slurmtune.data.vision), in their order."""
+    from slurmtune.data.vision import with_absolute_media
+    from slurmtune.progress import progress
+
+    rows = [encoder.prompt(with_absolute_media({"messages": eval_prompt(r)}, f"{source}:{i}")["messages"],
+                           f"{source}:{i}") for i, r in enumerate(records, 1)]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    answers: list[str] = [""] * len(records)
+    config = _greedy_config(model, encoder.tokenizer, max_new_tokens)
+    for batch in progress([order[i:i + batch_size] for i in range(0, len(order), batch_size)],
+                          desc="predict", unit="batches"):
+        inputs = encoder.collate([rows[i] for i in batch], left=True)
+        for i, answer in zip(batch, _answers(model, encoder.tokenizer, inputs, config)):
+            answers[i] = answer
+    return answers
+
+
+def _answers(model, tokenizer, inputs: dict, config) -> list[str]:
+    """Greedy continuations of a left-padded batch, each up to its first end-of-sequence token."""
+    import torch
+
+    width = inputs["input_ids"].shape[1]
     with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                             generation_config=config)
+        out = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, generation_config=config)
     stops = set(_as_list(config.eos_token_id))
     answers = []
     for row in out[:, width:].tolist():
@@ -271,6 +301,11 @@ def _greedy_config(model, tokenizer, max_new_tokens: int):
         config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else _as_list(eos)[0]
     return config
+
+
+def _is_vision(path: str) -> bool:
+    from slurmtune.data.vision import is_vision_model
+    return is_vision_model(path)
 
 
 def _as_list(x) -> list:
@@ -307,10 +342,11 @@ def read_eval_records(path) -> list[dict]:
 
 def predict_file(model_path, in_file, out_file, adapter=None, base=None,
                  shard: tuple[int, int] | None = None, batch_size: int = 8,
-                 max_new_tokens: int = 256, client=None) -> Path:
+                 max_new_tokens: int = 256, client=None, vision=None, cache_dir=None) -> Path:
     """Answer shard ``index`` of ``count`` of ``in_file`` (all of it without ``shard``) into
     ``out_file``; with ``client`` (slurmtune.evaluate.endpoint.EndpointClient) a running server
-    answers instead of a model loaded here. Returns at once, loading nothing, when ``out_file``
+    answers instead of a model loaded here; a vision-language model reads its media with the
+    ``vision`` settings (slurmtune.data.vision.VisionSettings), frames cached in ``cache_dir``. Returns at once, loading nothing, when ``out_file``
     already exists: it is written atomically, so it exists only once complete."""
     out_file = Path(out_file)
     if out_file.is_file():
@@ -324,7 +360,13 @@ def predict_file(model_path, in_file, out_file, adapter=None, base=None,
         answers = client.answers(mine, max_new_tokens)
     elif mine:  # more shards than records leaves some empty: nothing to load
         model, tokenizer = load_for_generation(model_path, adapter, base)
-        answers = predict(model, tokenizer, mine, batch_size, max_new_tokens)
+        base_path, _ = resolve_model_paths(model_path, adapter, base)
+        if _is_vision(base_path):
+            from slurmtune.data.vision import VisionSettings, load_encoder
+            encoder = load_encoder(base_path, vision or VisionSettings(), cache_dir or Path(out_file).parent / "frames")
+            answers = predict_vision(model, encoder, mine, batch_size, max_new_tokens, str(in_file))
+        else:
+            answers = predict(model, tokenizer, mine, batch_size, max_new_tokens)
     _write_jsonl(out_file, ({**r, "actual": a} for r, a in zip(mine, answers)))
     return out_file
 
