@@ -178,3 +178,17 @@ def test_images_videos_and_text_rows_train_into_a_language_model_adapter(cli, me
     model = AutoModelForImageTextToText.from_pretrained(merged)  # no peft
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert (merged / "preprocessor_config.json").is_file()
+
+
+def test_the_document_manifest_runs_end_to_end_on_a_tiny_model(cli, media, tmp_path):
+    """manifests/docvqa-qwen-vl.yaml as shipped (convert the page questions, validate their images,
+    train, answer the eval pages, report), on the tiny model and the CPU."""
+    r = cli("run", REPO / "manifests" / "docvqa-qwen-vl.yaml", f"model.path={media['model']}",
+            f"output_dir={tmp_path / 'runs'}", "train.method=lora", "train.max_steps=2", "train.grad_accum=1",
+            "slurm.gpus=0", "slurm.cluster=", "eval.max_new_tokens=4", "--executor", "debug")
+    assert r.code == 0, r.err
+    run = next((tmp_path / "runs").iterdir())
+    assert [p["expected"] for p in read_jsonl(run / "predictions.jsonl")] == \
+        [row["expected"] for row in read_jsonl(REPO / "examples" / "docvqa" / "test.jsonl")]
+    lineage = json.loads((run / "final" / "lineage.json").read_text())
+    assert sorted(Path(m["path"]).name for m in lineage["media_files"]) == ["document1.png", "document2.png"]
