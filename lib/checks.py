@@ -347,29 +347,39 @@ def data_problems(sub: Submission) -> list[str]:
 
 
 def vision_data_problems(sub: Submission) -> list[str]:
-    """Every training row of a vision-language run: each image and video opens and has pixels or
-    frames, and the row's text and media tokens fit train.max_length (counted from the files'
-    sizes and lengths; nothing decoded, nothing written). Prints the trained-token share."""
+    """A vision-language run's training rows (see vision_preview), then its estimate."""
+    if sub.cfg.train.packing:
+        return ["train.packing: the vision recipe pads its batches (packed rows would share image features); "
+                "fix: train.packing=false"]
+    try:
+        preview, problems = vision_preview(sub.cfg, sub.existing.dir if sub.existing else None)
+    except SlurmtuneError as e:
+        return [f"train: {e}"]
+    return problems or (estimate_problems(sub, preview) if preview else [])
+
+
+def vision_preview(cfg: RunConfig, run_dir: Path | None) -> tuple[Preview | None, list[str]]:
+    """Every training row of a vision-language run (the first rows of the raw inputs, converted in
+    memory, when convert has not written them yet): each image and video opens and has pixels or
+    frames, and its text + media tokens fit train.max_length, counted from the files' sizes and
+    lengths (nothing decoded, nothing written). Prints the trained-token share."""
     import sys
 
-    from slurmtune.data.dataset import read_train_files
+    from slurmtune.data.dataset import TrainRecords, read_train_files
     from slurmtune.data.media import media_problem
     from slurmtune.data.records import media_paths
     from slurmtune.data.vision import VisionSettings, load_encoder, with_absolute_media
 
-    cfg = sub.cfg
-    if cfg.train.packing:
-        return ["train.packing: the vision recipe pads its batches (packed rows would share image features); "
-                "fix: train.packing=false"]
-    files, _ = data_files(cfg, sub.existing.dir if sub.existing else ".")
-    if not files or not all(Path(f).is_file() for f in files):
-        return []  # written by the convert step: its validate step checks the media
-    try:
-        data = read_train_files(files)
-        v = cfg.vision
-        encoder = load_encoder(cfg.model.path, VisionSettings(v.fps, v.max_frames, v.max_pixels), "/nonexistent")
-    except SlurmtuneError as e:
-        return [f"train: {e}"]
+    files, _ = data_files(cfg, run_dir or ".")
+    if files and all(Path(f).is_file() for f in files):
+        data, source = read_train_files(files), files[0]
+    elif cfg.data.inputs and run_dir is None:
+        records, kind, source = _converted_preview(cfg)
+        data = TrainRecords(kind, records)
+    else:
+        return None, []  # written by an earlier step of this run, whose validate step opens the media
+    v = cfg.vision
+    encoder = load_encoder(cfg.model.path, VisionSettings(v.fps, v.max_frames, v.max_pixels), cache_dir=None)
     problems, tokens, trained = [], 0, 0
     for n, record in enumerate(data.records, 1):
         record = with_absolute_media(record, data.row(n))
@@ -383,14 +393,22 @@ def vision_data_problems(sub: Submission) -> list[str]:
         if total > cfg.train.max_length:
             problems.append(f"{data.row(n)}: {encoder.too_long(total, media, cfg.train.max_length)}")
     print(f"preflight: {trained}/{tokens} tokens trained ({trained / max(1, tokens):.0%}) in {len(data.records)} "
-          f"rows of {files[0]}, images and video counted", file=sys.stderr)
-    return problems
+          f"rows of {source}, images and video counted", file=sys.stderr)
+    report = {"rows": len(data.records), "tokens": tokens, "trained_tokens": trained,
+              "trained_share": trained / max(1, tokens)}
+    return Preview(data.records, source, report), problems
 
 
 def preview_training(cfg: RunConfig, run_dir: Path | None) -> Preview | None:
     """The first rows tokenized as training will (None when there is nothing to read yet:
     data that an earlier step of an existing run writes)."""
     from slurmtune.data.dataset import TrainRecords, count_trained_tokens, prepare_tokenizer, read_train_files
+    from slurmtune.data.vision import is_vision_model
+
+    if is_vision_model(cfg.model.path):
+        preview, problems = vision_preview(cfg, run_dir)
+        raise_problems(problems, "the training rows")
+        return preview
 
     tokenizer = None
     if not (Path(cfg.model.path) / "config.json").is_file():

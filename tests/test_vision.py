@@ -192,3 +192,15 @@ def test_the_document_manifest_runs_end_to_end_on_a_tiny_model(cli, media, tmp_p
         [row["expected"] for row in read_jsonl(REPO / "examples" / "docvqa" / "test.jsonl")]
     lineage = json.loads((run / "final" / "lineage.json").read_text())
     assert sorted(Path(m["path"]).name for m in lineage["media_files"]) == ["document1.png", "document2.png"]
+
+
+def test_the_estimate_counts_a_vision_run_from_its_converted_rows(cli):
+    """The real Qwen2.5-VL-7B config (no weights): its rows converted in memory, their images counted,
+    then the GPU memory of QLoRA on its language model; nothing written."""
+    r = cli("estimate", REPO / "manifests" / "docvqa-qwen-vl.yaml", f"model.path={QWEN_VL}")
+    assert r.code == 0, r.err
+    lines = r.err.splitlines()
+    assert any(x.startswith("preflight: ") and x.endswith(" in 4 rows of image-messages data converted from "
+                                                          "train.jsonl, images and video counted") for x in lines)
+    assert any(x.startswith("estimate: train needs ") and "weights 6.4 GiB" in x for x in lines)
+    assert r.out == "fits: nothing was submitted\n"

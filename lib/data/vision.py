@@ -63,7 +63,8 @@ class VisionSettings:
     max_pixels: int = 448 * 448
 
 
-def load_encoder(model_dir: str | Path, settings: VisionSettings, cache_dir: str | Path) -> "QwenVLEncoder":
+def load_encoder(model_dir: str | Path, settings: VisionSettings, cache_dir: str | Path | None) -> "QwenVLEncoder":
+    """The encoder of the model's family; ``cache_dir`` holds decoded frames (None: count only)."""
     kind = model_type(model_dir)
     if kind in QWEN_FAMILIES:
         return QwenVLEncoder(model_dir, settings, cache_dir)
@@ -121,7 +122,7 @@ class RowTooLong(DataError):
 class QwenVLEncoder:
     """Qwen2-VL / Qwen2.5-VL rows: 14-pixel patches merged 2x2, 2 frames per temporal patch."""
 
-    def __init__(self, model_dir: str | Path, settings: VisionSettings, cache_dir: str | Path):
+    def __init__(self, model_dir: str | Path, settings: VisionSettings, cache_dir: str | Path | None):
         from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -137,7 +138,7 @@ class QwenVLEncoder:
         self.factor = self.patch * self.merge
         self.pad_ids = {kind: self.tokenizer.convert_tokens_to_ids(token)
                         for kind, token in (("image", "<|image_pad|>"), ("video", "<|video_pad|>"))}
-        self.cache = FrameCache(cache_dir)
+        self.cache = FrameCache(cache_dir) if cache_dir is not None else None
 
     # --- tokens --------------------------------------------------------------------------
     def encode(self, record: dict, max_length: int | None = None, where: str = "row",
@@ -227,6 +228,8 @@ class QwenVLEncoder:
 
     def _video(self, path: str) -> dict:
         s = self.settings
+        if self.cache is None:
+            raise UsageError("this encoder only counts tokens (no frame cache); give it a cache_dir to decode video")
         clip = self.cache.video(path, s.fps, s.max_frames, s.max_pixels, self.factor)
         pixels, grid = self.video_patches(clip.frames)
         return {"kind": "video", "pixels": pixels, "grid": grid, "tokens": self._grid_tokens(*grid),
