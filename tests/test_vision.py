@@ -204,3 +204,36 @@ def test_the_estimate_counts_a_vision_run_from_its_converted_rows(cli):
                                                           "train.jsonl, images and video counted") for x in lines)
     assert any(x.startswith("estimate: train needs ") and "weights 6.4 GiB" in x for x in lines)
     assert r.out == "fits: nothing was submitted\n"
+
+
+def test_a_stopped_vision_run_resumes_to_the_same_adapter_bytes(media, tmp_path):
+    """SIGUSR2 during step 2 of 4 (mixed image, video and text rows): the run saves, and run
+    again it ends with exactly the adapter of a run never stopped."""
+    import hashlib
+    import shutil
+    import sys
+
+    from slurmtune.config import load_manifest
+    from slurmtune.train.recipe import StopRequest, install_signal_handlers, run_training
+    from train_helpers import SignalOnLine
+
+    text_only = {"messages": [{"role": "user", "content": "A text-only question."},
+                              {"role": "assistant", "content": "A text answer."}]}
+    rows = [row(media, f'{{"score": {i}}}') for i in range(3)] + [text_only]
+    cfg = load_manifest(manifest(tmp_path, media, rows, max_steps=4, save_steps=2))
+    train = [str(tmp_path / "train.jsonl")]
+    whole = run_training(cfg, tmp_path / "whole", train, None)
+    stop = StopRequest()
+    restore = install_signal_handlers(stop)
+    stdout, sys.stdout = sys.stdout, SignalOnLine(sys.stdout, " step 1/4  loss")
+    try:
+        first = run_training(cfg, tmp_path / "stopped", train, None, stop)
+    finally:
+        sys.stdout, _ = stdout, restore()
+    assert (first.status, first.step) == ("stopped", 2)
+    resumed = run_training(cfg, shutil.copytree(tmp_path / "stopped", tmp_path / "resumed"), train, None)
+    assert (resumed.status, resumed.step) == ("completed", 4)
+
+    def digest(outcome) -> str:
+        return hashlib.sha256((outcome.final_dir / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert digest(resumed) == digest(whole)
