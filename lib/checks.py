@@ -612,7 +612,7 @@ def _unique(items: Iterable[str]) -> list[str]:
 def serve_problems(targets: list, engine: str, vllm_bin: str | None) -> list[str]:
     """Everything that would fail a server job (slurmtune.serve): the engine's limits, and
     adapter weights that name modules the base model lacks (from the safetensors headers)."""
-    from slurmtune.evaluate.generate import adapter_names_problem
+    from slurmtune.data.adapter_keys import adapter_names_problem
     from slurmtune.serve.server import target_problems
 
     problems = target_problems(targets, engine, vllm_bin)

@@ -237,3 +237,21 @@ def test_a_stopped_vision_run_resumes_to_the_same_adapter_bytes(media, tmp_path)
     def digest(outcome) -> str:
         return hashlib.sha256((outcome.final_dir / "adapter_model.safetensors").read_bytes()).hexdigest()
     assert digest(resumed) == digest(whole)
+
+
+def test_a_vision_adapter_names_the_language_model_s_own_modules(media, tmp_path):
+    """What training checks after saving (it refuses to finish otherwise): every adapted module
+    is one of the base's; a renamed adapter is caught, naming the base's module."""
+    from safetensors.torch import load_file, save_file
+
+    from slurmtune.data.adapter_keys import adapter_names_problem
+    from slurmtune.train.recipe import run_training
+
+    from slurmtune.config import load_manifest
+    cfg = load_manifest(manifest(tmp_path, media, [row(media)] * 2, max_steps=1))
+    final = run_training(cfg, tmp_path / "run", [str(tmp_path / "train.jsonl")], None).final_dir
+    assert adapter_names_problem(final, media["model"]) is None
+    weights = load_file(str(final / "adapter_model.safetensors"))
+    save_file({k.replace("language_model.", ""): v for k, v in weights.items()}, str(final / "adapter_model.safetensors"))
+    problem = adapter_names_problem(final, media["model"])
+    assert "e.g. model.layers.0.mlp.gate_proj (the base has model.language_model.layers.0.mlp.gate_proj)" in problem

@@ -41,9 +41,9 @@ from slurmtune.data.jsonio import AtomicFiles, dumps, iter_records
 from slurmtune.data.context import with_context
 from slurmtune.data.records import content_text
 from slurmtune.data.tools import calls_text, refuse_tools_without_template
+from slurmtune.data.adapter_keys import ADAPTER_WEIGHTS
 
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MEDIA_FILES = ("preprocessor_config.json", "chat_template.json")  # beside a vision model
 
 
@@ -481,42 +481,3 @@ def save_merged(peft_model, tokenizer, out_dir, also: list[Path] = ()) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
-
-def adapter_names_problem(adapter_dir, base_dir) -> str | None:
-    """An adapter weight whose module the base model does not have, read from the safetensors
-    headers alone (no weights loaded: the login node checks it in a second)."""
-    from safetensors import safe_open
-
-    adapter_file, base = Path(adapter_dir) / ADAPTER_WEIGHTS, Path(base_dir)
-    if not adapter_file.is_file():
-        return f"{adapter_dir}: no {ADAPTER_WEIGHTS}; expected the adapter's weights (safetensors)"
-    index = base / "model.safetensors.index.json"
-    if index.is_file():
-        names = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
-    else:
-        names = set()
-        for file in sorted(base.glob("*.safetensors")):
-            with safe_open(str(file), "pt") as f:
-                names.update(f.keys())
-    if not names:
-        return None  # no safetensors to read the base's names from: the node's canary checks it
-    with safe_open(str(adapter_file), "pt") as f:
-        keys = sorted(f.keys())
-    modules = sorted({_module_of(k) for k in keys})
-    stray = [m for m in modules if f"{m}.weight" not in names]
-    if not stray:
-        return None
-    tail = stray[0].rsplit(".", 1)[-1]
-    like = next((n[:-len(".weight")] for n in sorted(names) if n.endswith(f".{tail}.weight")), None)
-    return (f"{adapter_dir}: {len(stray)} of {len(modules)} adapted modules are not in the base model {base}, "
-            f"e.g. {stray[0]}" + (f" (the base has {like})" if like else "")
-            + "; the adapter would change nothing; fix: use the adapter trained on this base")
-
-
-def _module_of(key: str) -> str:
-    """base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight -> model.layers.0.self_attn.q_proj"""
-    name = key.removeprefix("base_model.model.")
-    for marker in (".lora_A", ".lora_B", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector"):
-        if marker in name:
-            return name[:name.index(marker)]
-    return name.rsplit(".", 1)[0]

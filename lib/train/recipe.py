@@ -53,11 +53,12 @@ from slurmtune.train.checkpoints import (
 )
 from slurmtune.config import RunConfig
 from slurmtune.schema import to_dict, value_problems
-from slurmtune.errors import ConfigError, UsageError
+from slurmtune.errors import ConfigError, SlurmtuneError, UsageError
 from slurmtune.data.jsonio import write_json_atomic
 from slurmtune.data.dataset import (
     TrainRecords, count_trained_tokens, prepare_tokenizer, read_train_files, to_dataset,
 )
+from slurmtune.data.adapter_keys import adapter_names_problem
 from slurmtune.data.vision import is_vision_model
 
 FINAL_FILES_REMOVED = ("training_args.bin", "README.md")  # a pickle and an empty model card
@@ -412,6 +413,10 @@ class TrainingRecipe:
             for name in VISION_FILES if self.vision else ():  # the image processor and the media template
                 if (Path(self.cfg.model.path) / name).is_file():
                     shutil.copy2(Path(self.cfg.model.path) / name, tmp / name)
+            model = trainer.accelerator.unwrap_model(trainer.model).get_base_model()
+            problem = adapter_names_problem(tmp, self.cfg.model.path, {n for n, _ in model.named_modules()})
+            if problem:  # such an adapter would change nothing: never hand it on as final/
+                raise SlurmtuneError(f"the trained adapter does not fit its own base: {problem}")
             write_lineage(tmp, self.config, [f.path for f in self.data_files], self.conversion_summary,
                           self.sbatch_script, seeds={"seed": self.cfg.train.seed, "data_seed": self.cfg.data.seed},
                           started_at=self.started_at, memory=self.memory.measured(self.log),
