@@ -158,7 +158,11 @@ def model_problems(cfg: RunConfig) -> list[str]:
 
 
 def training_problems(cfg: RunConfig, kind: str) -> list[str]:
+    from slurmtune.data.vision import is_vision_model
+
     problems = attention_problems(cfg) + kernel_problems(cfg)
+    if cfg.lora.vision and (Path(cfg.model.path) / "config.json").is_file() and not is_vision_model(cfg.model.path):
+        problems.append(f"lora.vision={cfg.lora.vision}: {cfg.model.path} has no vision tower; fix: lora.vision=[]")
     world = world_size(cfg)
     if kind == "train_deepspeed":
         return problems + check_distributed(cfg)

@@ -90,6 +90,9 @@ class LoraConfig:
     target_modules: list[str] = field_(["q_proj", "k_proj", "v_proj", "o_proj"],
                                        "names of the base model's linear layers that get an adapter",
                                        non_empty("module names such as q_proj, v_proj"))
+    vision: list[Literal["tower", "projector"]] = field_(
+        [], "vision-language models: also adapt the vision tower's linear layers (tower) and/or the projector "
+            "that maps its features into the language model (projector); []: both stay frozen")
 
 
 @dataclass

@@ -415,7 +415,10 @@ def _type_name(hint) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
+        item = _type_name(typing.get_args(hint)[0])
+        if item.startswith("one of "):
+            return f"a list of {item.removeprefix('one of ')}"
+        return f"a list of {item.removeprefix('a ').removeprefix('an ')}s"
     if origin is dict:
         return "a mapping"
     if hint is Any:

@@ -267,6 +267,9 @@ def test_explain_a_section(cli):
         "lora.target_modules: a list of strings; default ['q_proj', 'k_proj', 'v_proj', 'o_proj']; "
         "expected a non-empty value: module names such as q_proj, v_proj",
         "    names of the base model's linear layers that get an adapter",
+        "lora.vision: a list of 'tower', 'projector'; default []",
+        "    vision-language models: also adapt the vision tower's linear layers (tower) and/or the projector",
+        "    that maps its features into the language model (projector); []: both stay frozen",
     ]
 
 

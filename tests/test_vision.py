@@ -255,3 +255,34 @@ def test_a_vision_adapter_names_the_language_model_s_own_modules(media, tmp_path
     save_file({k.replace("language_model.", ""): v for k, v in weights.items()}, str(final / "adapter_model.safetensors"))
     problem = adapter_names_problem(final, media["model"])
     assert "e.g. model.layers.0.mlp.gate_proj (the base has model.language_model.layers.0.mlp.gate_proj)" in problem
+
+
+@pytest.mark.parametrize("adapted, expected", [(["tower"], "visual.blocks."), (["projector"], "visual.merger.")])
+def test_lora_vision_adapts_the_tower_or_the_projector_too(media, tmp_path, adapted, expected):
+    from safetensors import safe_open
+
+    from slurmtune.config import load_manifest
+    from slurmtune.train.recipe import run_training
+
+    cfg = load_manifest(manifest(tmp_path, media, [row(media)] * 2, max_steps=1))
+    cfg.lora.vision = adapted
+    final = run_training(cfg, tmp_path / "run", [str(tmp_path / "train.jsonl")], None).final_dir
+    with safe_open(str(final / "adapter_model.safetensors"), "pt") as f:
+        keys = sorted(f.keys())
+    vision_keys = [k for k in keys if ".visual." in k]
+    assert vision_keys and all(expected in k for k in vision_keys)
+    assert len(keys) - len(vision_keys) == 12  # the language model's, as without lora.vision
+    count = {"tower": 2 * 5 * 2, "projector": 2 * 2}[adapted[0]]  # blocks x linears x (A, B)
+    assert len(vision_keys) == count
+
+
+def test_lora_vision_on_a_text_model_is_refused(cli, tmp_path):
+    from slurmtune.train.tiny_model import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny")
+    data = write_jsonl(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": "q"},
+                                                            {"role": "assistant", "content": "a"}]}])
+    r = cli("run", REPO / "manifests" / "quickstart.yaml", f"model.path={model}", "model.tiny_arch=",
+            f"data.train_files=[{data}]", "data.inputs=[]", "lora.vision=[tower]", "--executor", "debug", "--dry-run")
+    assert r.code == 1
+    assert f"lora.vision=['tower']: {model} has no vision tower; fix: lora.vision=[]" in r.err

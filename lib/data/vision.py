@@ -122,6 +122,10 @@ class RowTooLong(DataError):
 class QwenVLEncoder:
     """Qwen2-VL / Qwen2.5-VL rows: 14-pixel patches merged 2x2, 2 frames per temporal patch."""
 
+    # The vision side's linear layers, as regexes over module names (lora.vision).
+    VISION_MODULES = {"tower": r"visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate_proj|up_proj|down_proj))",
+                      "projector": r"visual\.merger\.mlp\.(0|2)"}  # mlp.1 is the GELU between them
+
     def __init__(self, model_dir: str | Path, settings: VisionSettings, cache_dir: str | Path | None):
         from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil

@@ -67,7 +67,7 @@ VISION_FILES = ("preprocessor_config.json", "chat_template.json")  # beside a vi
 RESUME_IGNORED = ("slurm", "eval", "description", "output_dir", "train.resume",
                   "distributed.timeout_s", "distributed.global_batch_size", "train.gradient_checkpointing")
 # The adapter's tensor shapes: a checkpoint cannot be loaded into an adapter built otherwise.
-ADAPTER_SHAPE_KEYS = ("lora.r", "lora.target_modules")
+ADAPTER_SHAPE_KEYS = ("lora.r", "lora.target_modules", "lora.vision")
 
 
 # --- stop requests ---------------------------------------------------------------------
@@ -299,7 +299,7 @@ class TrainingRecipe:
         targets = list(lora.target_modules)
         if self.vision:
             from slurmtune.train.vision import language_model_targets
-            targets = language_model_targets(targets)
+            targets = language_model_targets(targets, lora.vision, self.collator.encoder)
         trainer = trainer_class()(
             model=load_model(self.cfg, self.device),
             args=args or sft_config(self.cfg, self.run_dir, self.device, kind, eval_dataset is not None),

@@ -63,8 +63,11 @@ def trained_tokens(encoder, data: TrainRecords, max_length: int, assistant_only:
             "trained_share": trained / max(1, tokens)}
 
 
-def language_model_targets(modules: list[str]) -> str:
+def language_model_targets(modules: list[str], vision: list[str] = (), encoder=None) -> str:
     """A regex PEFT matches whole against module names: the named linear layers of the language
-    model only (the vision tower has layers of the same names, e.g. its MLP's gate_proj)."""
+    model only (the vision tower has layers of the same names, e.g. its MLP's gate_proj), and the
+    vision tower's or projector's layers when ``vision`` names them (``encoder.VISION_MODULES``)."""
     names = "|".join(re.escape(m) for m in modules)
-    return rf".*language_model\..*\.({names})"
+    parts = [rf".*language_model\..*\.({names})"]
+    parts += [rf".*{encoder.VISION_MODULES[v]}" for v in vision]
+    return "|".join(f"({p})" for p in parts) if len(parts) > 1 else parts[0]
