@@ -370,8 +370,8 @@ def vision_preview(cfg: RunConfig, run_dir: Path | None) -> tuple[Preview | None
     import sys
 
     from slurmtune.data.dataset import TrainRecords, read_train_files
-    from slurmtune.data.media import media_problem
     from slurmtune.data.records import media_paths
+    from slurmtune.data.validate import row_media_problem
     from slurmtune.data.vision import VisionSettings, load_encoder, with_absolute_media
 
     files, _ = data_files(cfg, run_dir or ".")
@@ -388,7 +388,7 @@ def vision_preview(cfg: RunConfig, run_dir: Path | None) -> tuple[Preview | None
     for n, record in enumerate(data.records, 1):
         record = with_absolute_media(record, data.row(n))
         bad = [f"{data.row(n)}: {field}: {why}" for field, path in media_paths(record)
-               for why in [media_problem(path, "image" if field.endswith(".image") else "video")] if why]
+               for why in [row_media_problem(path, field, Path(source))] if why]
         if bad:
             problems += bad
             continue

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from slurmtune.cli.status import add_root_flag
 from slurmtune.errors import UsageError
+from slurmtune.runs.status import process_alive
 
 ACTIONS = ("status", "stop")
 JOB_FILE = "job.json"
@@ -69,7 +70,11 @@ def _adapter_of(text: str, root: str) -> tuple[Path, Path | None, str]:
 
 def serve_dir_of(text: str, root: str) -> tuple[Path, Path | None]:
     adapter, run_dir, _ = _adapter_of(text, root)
-    return (run_dir / "serve" if run_dir else adapter.with_name(f"{adapter.name}-serve")), run_dir
+    return _serve_dir(adapter, run_dir), run_dir
+
+
+def _serve_dir(adapter: Path, run_dir: Path | None) -> Path:
+    return run_dir / "serve" if run_dir else adapter.with_name(f"{adapter.name}-serve")
 
 
 # --- serve ---------------------------------------------------------------------------------
@@ -82,7 +87,7 @@ def _submit(args) -> int:
 
     found = [_adapter_of(t, args.root) for t in [args.target, *args.rest]]
     targets = [resolve_target(adapter, name) for adapter, _, name in found]
-    serve_dir, _ = serve_dir_of(args.target, args.root)
+    serve_dir = _serve_dir(*found[0][:2])
     executor, notice = choose_executor(args.executor, args.cluster)
     profile = _profile_by_name(args.cluster)
     raise_problems(serve_problems(targets, args.engine, profile.vllm_bin) + _already_serving(serve_dir),
@@ -174,10 +179,10 @@ def _stop(serve_dir: Path) -> int:
         raise UsageError(f"{serve_dir}: nothing was served from here")
     if job["executor"] == "slurm":
         cancel([job["job_id"]])
-    elif _alive(job["job_id"]):
+    elif process_alive(job["job_id"]):
         os.kill(int(job["job_id"]), signal.SIGTERM)
         for _ in range(60):  # the server stops its engine and marks its endpoint
-            if not _alive(job["job_id"]):
+            if not process_alive(job["job_id"]):
                 break
             time.sleep(0.5)
     mark_gone(serve_dir, "stopped by slurmtune serve stop")
@@ -193,7 +198,7 @@ def endpoint_of(serve_dir: Path, job: dict) -> dict:
 
 def _job_state(job: dict) -> str:
     if job["executor"] != "slurm":
-        return "RUNNING" if _alive(job["job_id"]) else "ENDED"
+        return "RUNNING" if process_alive(job["job_id"]) else "ENDED"
     from slurmtune.cluster.slurm import job_states
 
     return job_states([job["job_id"]])[job["job_id"]].state
@@ -206,17 +211,6 @@ def _time_left(job: dict, status: dict) -> int | None:
         from slurmtune.cluster.slurm import time_left
         return time_left(job["job_id"])
     return max(0, int(job["time_min"] * 60 - (time.time() - job["submitted_at"])))
-
-
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (OSError, ValueError):
-        return False
-    try:  # a zombie (ended, not yet reaped) is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return True
 
 
 def read_job(serve_dir: Path) -> dict | None:

@@ -236,14 +236,14 @@ class _Validation:
                              "expected each student in one split only")
         if self.check_paths:
             for field, media in _media_of(value, fmt):
-                problem = _media_problem(media, field, where.path)
+                problem = row_media_problem(media, field, where.path)
                 if problem:
                     self.problem(where, field, problem)
         if self.lengths and fmt in CANONICAL:
             self.lengths.add(value, where, self.problem)
 
 
-def _media_problem(media: str, field: str, data_file: Path) -> str | None:
+def row_media_problem(media: str, field: str, data_file: Path) -> str | None:
     """Why the image or video a row names cannot be used: missing, empty, unreadable, no pixels
     or no frames (slurmtune.data.media); relative paths are relative to the data file's folder."""
     from slurmtune.data.media import IMAGE, VIDEO, media_problem

@@ -40,6 +40,9 @@ from slurmtune.data.records import PART_TYPES
 from slurmtune.errors import DataError, UsageError
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+# Beside a vision model's weights: its image processor and its media chat template (an adapter
+# and a merged model carry them too).
+PROCESSOR_FILES = ("preprocessor_config.json", "chat_template.json")
 IGNORE = -100
 
 

@@ -44,7 +44,6 @@ from slurmtune.data.tools import calls_text, refuse_tools_without_template
 from slurmtune.data.adapter_keys import ADAPTER_WEIGHTS
 
 ADAPTER_CONFIG = "adapter_config.json"
-MEDIA_FILES = ("preprocessor_config.json", "chat_template.json")  # beside a vision model
 
 
 # --- what an eval record asks and expects ---------------------------------------------
@@ -303,11 +302,6 @@ def _greedy_config(model, tokenizer, max_new_tokens: int):
     return config
 
 
-def _is_vision(path: str) -> bool:
-    from slurmtune.data.vision import is_vision_model
-    return is_vision_model(path)
-
-
 def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
@@ -346,8 +340,9 @@ def predict_file(model_path, in_file, out_file, adapter=None, base=None,
     """Answer shard ``index`` of ``count`` of ``in_file`` (all of it without ``shard``) into
     ``out_file``; with ``client`` (slurmtune.evaluate.endpoint.EndpointClient) a running server
     answers instead of a model loaded here; a vision-language model reads its media with the
-    ``vision`` settings (slurmtune.data.vision.VisionSettings), frames cached in ``cache_dir``. Returns at once, loading nothing, when ``out_file``
-    already exists: it is written atomically, so it exists only once complete."""
+    ``vision`` settings (slurmtune.data.vision.VisionSettings), frames cached in ``cache_dir``.
+    Returns at once, loading nothing, when ``out_file`` already exists: it is written atomically,
+    so it exists only once complete."""
     out_file = Path(out_file)
     if out_file.is_file():
         return out_file
@@ -360,9 +355,10 @@ def predict_file(model_path, in_file, out_file, adapter=None, base=None,
         answers = client.answers(mine, max_new_tokens)
     elif mine:  # more shards than records leaves some empty: nothing to load
         model, tokenizer = load_for_generation(model_path, adapter, base)
+        from slurmtune.data.vision import VisionSettings, is_vision_model, load_encoder
+
         base_path, _ = resolve_model_paths(model_path, adapter, base)
-        if _is_vision(base_path):
-            from slurmtune.data.vision import VisionSettings, load_encoder
+        if is_vision_model(base_path):
             encoder = load_encoder(base_path, vision or VisionSettings(), cache_dir or Path(out_file).parent / "frames")
             answers = predict_vision(model, encoder, mine, batch_size, max_new_tokens, str(in_file))
         else:
@@ -436,19 +432,12 @@ def merge_adapter(adapter_dir, out_dir, base=None) -> Path:
 def load_to_merge(adapter_dir, base=None):
     """(the base with the adapter, as a PeftModel, in the base checkpoint's dtype; the tokenizer
     training saved beside the adapter, else the base's)."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
     from slurmtune.data.chat_format import load_tokenizer
-    from slurmtune.data.vision import is_vision_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     adapter_dir = Path(adapter_dir)
     base_path, _ = resolve_model_paths(adapter_dir, base=base)
-    auto = AutoModelForImageTextToText if is_vision_model(base_path) else AutoModelForCausalLM
-    try:
-        model = auto.from_pretrained(base_path, dtype="auto", local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{base_path}: cannot load the adapter's base model ({e})") from None
+    model = _load_base(base_path, "auto")
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     return load_adapter(model, adapter_dir), load_tokenizer(str(adapter_dir) if has_tokenizer else base_path)
 
@@ -456,9 +445,11 @@ def load_to_merge(adapter_dir, base=None):
 def media_files(adapter_dir, base=None) -> list[Path]:
     """A vision model's image processor config and media chat template: the adapter's (training
     copies them beside it), else its base's; [] for a text model."""
+    from slurmtune.data.vision import PROCESSOR_FILES
+
     base_path, _ = resolve_model_paths(adapter_dir, base=base)
     found = []
-    for name in MEDIA_FILES:
+    for name in PROCESSOR_FILES:
         source = next((f for f in (Path(adapter_dir) / name, Path(base_path) / name) if f.is_file()), None)
         found += [source] if source else []
     return found

@@ -105,7 +105,7 @@ def _local_step(run: Run, step: Step) -> StepStatus:
         own = failed or (shards[0] if shards else {})
     else:
         state = own.get("state", "PENDING")
-    if state in ("RUNNING", "PENDING") and step.job_ids and not _alive(step.job_ids[0]):
+    if state in ("RUNNING", "PENDING") and step.job_ids and not process_alive(step.job_ids[0]):
         state = "LOST" if state == "RUNNING" or run.record.executor == "local" else state
     elapsed = int((own.get("ended") or time.time()) - own["started"]) if own.get("started") else 0
     row = StepStatus(step.name, state, step.job_ids, elapsed, int(own.get("attempt", 0)))
@@ -117,7 +117,9 @@ def _local_step(run: Run, step: Step) -> StepStatus:
     return row
 
 
-def _alive(pid: str) -> bool:
+def process_alive(pid: str) -> bool:
+    """Whether the local process ``pid`` runs: one that ended but is not yet reaped (a zombie of
+    the process that started it) has ended."""
     if not pid.isdigit():
         return False
     try:
@@ -126,7 +128,10 @@ def _alive(pid: str) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _explain_cancelled(rows: list[StepStatus]) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import hashlib
-import json
 import signal
 import socket
 import subprocess
@@ -32,7 +31,7 @@ from pathlib import Path
 from slurmtune.data.jsonio import write_json_atomic
 from slurmtune.serve.server import (ENDPOINT, ENGINE_LOG, HUB_OWNER, KEY_FILE, LOOPBACK, READY_TIMEOUT_S,
                                     CANARY_PROMPT, EngineFailed, ServeRequest, Target, engine_argv, engine_env,
-                                    free_port)
+                                    free_port, read_endpoint)
 
 
 # --- the canary and the models ----------------------------------------------------------
@@ -84,11 +83,12 @@ def canary(peft_model, tokenizer, target: Target) -> None:
 def hub_snapshot(serve_dir: Path, target: Target) -> Path:
     """Where the merged model of ``target`` lies in serve/hub, a model-hub cache (so that transformers
     serve lists and loads it offline as slurmtune/<name>); named by the adapter's and base's bytes."""
-    digest = hashlib.sha1()
-    for part in (Path(target.adapter) / "adapter_model.safetensors", Path(target.base) / "config.json"):
-        digest.update(part.read_bytes() if part.stat().st_size < (1 << 30) else str(part.stat()).encode())
-    digest.update(target.base.encode())
-    return serve_dir / "hub" / f"models--{HUB_OWNER}--{target.name}" / "snapshots" / digest.hexdigest()
+    from slurmtune.data.dataset import file_sha256
+
+    parts = [file_sha256(Path(target.adapter) / "adapter_model.safetensors"),
+             file_sha256(Path(target.base) / "config.json"), target.base]
+    revision = hashlib.sha1("\n".join(parts).encode()).hexdigest()  # 40 hex digits, as hub revisions are
+    return serve_dir / "hub" / f"models--{HUB_OWNER}--{target.name}" / "snapshots" / revision
 
 
 # --- the engine's process ----------------------------------------------------------------
@@ -169,17 +169,15 @@ class Engine:
 def mark_gone(serve_dir: Path, reason: str, job_id: str | None = None) -> None:
     """endpoint.json rewritten as no longer answering (kept: where it was, and why it ended); with
     ``job_id``, written for a server that never came up, so that `serve status` says why."""
-    path = Path(serve_dir) / ENDPOINT
-    try:
-        endpoint = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    endpoint = read_endpoint(serve_dir)
+    if endpoint is None:
         if job_id is None:
             return
         endpoint = {"job_id": job_id}
     if endpoint.get("state") == "gone" or (job_id is not None and str(endpoint.get("job_id")) != str(job_id)):
         return
     endpoint.update(state="gone", reason=reason, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    write_json_atomic(path, endpoint)
+    write_json_atomic(Path(serve_dir) / ENDPOINT, endpoint)
 
 
 class StopFlag:

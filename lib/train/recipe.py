@@ -59,10 +59,9 @@ from slurmtune.data.dataset import (
     TrainRecords, count_trained_tokens, prepare_tokenizer, read_train_files, to_dataset,
 )
 from slurmtune.data.adapter_keys import adapter_names_problem
-from slurmtune.data.vision import is_vision_model
+from slurmtune.data.vision import PROCESSOR_FILES, is_vision_model
 
 FINAL_FILES_REMOVED = ("training_args.bin", "README.md")  # a pickle and an empty model card
-VISION_FILES = ("preprocessor_config.json", "chat_template.json")  # beside a vision adapter, as in its base
 # Keys that may change between attempts of one run without changing what is trained.
 RESUME_IGNORED = ("slurm", "eval", "description", "output_dir", "train.resume",
                   "distributed.timeout_s", "distributed.global_batch_size", "train.gradient_checkpointing")
@@ -410,7 +409,7 @@ class TrainingRecipe:
         if trainer.args.should_save:
             for name in FINAL_FILES_REMOVED:
                 (tmp / name).unlink(missing_ok=True)
-            for name in VISION_FILES if self.vision else ():  # the image processor and the media template
+            for name in PROCESSOR_FILES if self.vision else ():  # the image processor and the media template
                 if (Path(self.cfg.model.path) / name).is_file():
                     shutil.copy2(Path(self.cfg.model.path) / name, tmp / name)
             model = trainer.accelerator.unwrap_model(trainer.model).get_base_model()
