@@ -14,7 +14,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # helper modules such as slurm_cluster
 
-from slurm_cluster import slurm_cluster  # noqa: E402,F401  (the fixture, for every test module)
+from browser import chromium  # noqa: E402,F401  (the fixtures, for every test module)
+from slurm_cluster import slurm_cluster  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"

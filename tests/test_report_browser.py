@@ -1,75 +1,25 @@
-"""report.html in a real headless Chromium, offline: numbers, filtering, search, escaping, a screenshot.
-
-The browser comes from env/install-browser.sh (Debian's chromium). Where it cannot be
-installed the browser tests are skipped, except on CI (CI=true), where that is a failure.
-Every run of the browser has its proxy pointed at a closed local port and its host
-resolver switched off, so nothing it tries can leave the machine; its net log then shows
-whether the page itself asked for anything.
-"""
+"""report.html in a real headless Chromium, offline (tests/browser.py): numbers, filtering,
+search, escaping, the examples' images and video frames, a screenshot."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
-import subprocess
 import zlib
 from html.parser import HTMLParser
-from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from conftest import REPO, write_jsonl
+from browser import data_images, dump_dom, loaded_images, run_browser
+from conftest import write_jsonl
+from test_media import LEVEL, write_video
 from slurmtune.evaluate.metrics import score_file
 from slurmtune.evaluate.report import parse_training_log, read_loss_history, write_reports
 
 SCRIPT_ANSWER = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\">"
-CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-extensions", "--disable-default-apps", "--no-default-browser-check",
-    # Belt and braces: the browser's own background requests stay on this machine too.
-    "--proxy-server=http://127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND",
-)
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    try:
-        done = subprocess.run(["bash", str(REPO / "env" / "install-browser.sh")], capture_output=True,
-                              text=True, timeout=900)
-        reason = done.stderr.strip()[-2000:] if done.returncode else None
-    except (OSError, subprocess.TimeoutExpired) as e:
-        done, reason = None, str(e)
-    if reason is None:
-        return done.stdout.strip().splitlines()[-1]
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"env/install-browser.sh could not install chromium:\n{reason}")
-    pytest.skip(f"no chromium (env/install-browser.sh failed: {reason[-300:]})")
-
-
-def run_browser(chromium: str, tmp_path: Path, *args: str) -> tuple[str, list[dict]]:
-    """(stdout, requests the page started) of one headless run."""
-    net_log = tmp_path / f"net-{len(list(tmp_path.glob('net-*')))}.json"
-    done = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
-                           f"--log-net-log={net_log}", *args], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout, page_requests(net_log)
-
-
-def page_requests(net_log: Path) -> list[dict]:
-    """URL requests with a page as initiator (the browser's own carry 'not an origin')."""
-    log = json.loads(net_log.read_text())
-    start = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
-    begins = [e.get("params", {}) for e in log["events"] if e["type"] == start]
-    return [p for p in begins if "url" in p and p.get("initiator") != "not an origin"]
-
-
-def dump_dom(chromium: str, tmp_path: Path, url: str) -> str:
-    dom, requests = run_browser(chromium, tmp_path, "--dump-dom", url)
-    assert requests == [], f"the page loaded something: {requests}"
-    return dom
 
 
 # --- the run folder ----------------------------------------------------------------------
@@ -86,7 +36,8 @@ def predictions() -> list[dict]:
         {"id": "doc1", "messages": [{"role": "user", "content": [
             {"type": "text", "text": "What is the title of the following document?"},
             {"type": "image", "image": "document1.png"}]}], "expected": "Article 7", "actual": "article 7."},
-        {"id": "doc2", "messages": [{"role": "user", "content": "On what date was this letter signed?"}],
+        {"id": "doc2", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "On what date was this letter signed?"}, {"type": "video", "video": "reading.mp4"}]}],
          "expected": "2024-11-05", "actual": SCRIPT_ANSWER},
         {"messages": [{"role": "system", "content": "You grade speeches."},
                       {"role": "user", "content": "Rubric: Informative\n- Content (max 40)\n\nTranscript:\nHi."},
@@ -123,6 +74,11 @@ def report(tmp_path) -> dict:
              + [{"train_loss": 1.5, "step": 20}]}
     (run_dir / "final" / "trainer_state.json").write_text(json.dumps(state))
     (run_dir / "eval").mkdir()
+    # The image: red left half, blue right half; the video: frame i is flat grey i * LEVEL.
+    page = np.zeros((60, 120, 3), dtype=np.uint8)
+    page[:, :60, 0], page[:, 60:, 2] = 220, 220
+    Image.fromarray(page).save(run_dir / "eval" / "document1.png")
+    write_video(run_dir / "eval" / "reading.mp4")
     preds = write_jsonl(run_dir / "eval" / "predictions.jsonl", predictions())
     paths = write_reports(run_dir, preds, score_file(preds))
     return {"paths": paths, "run_dir": run_dir, "json": json.loads(paths["json"].read_text())}
@@ -165,8 +121,10 @@ def test_html_is_self_contained_and_escapes_the_data(report):
     parser = Tags()
     parser.feed(html)
     tags = [t for t, _ in parser.tags]
-    assert tags.count("script") == 1 and "img" not in tags and "link" not in tags and "iframe" not in tags
-    assert not [attrs for _, attrs in parser.tags if {"src", "href"} & set(attrs)]
+    assert tags.count("script") == 1 and tags.count("img") == 2 and "link" not in tags and "iframe" not in tags
+    sources = [attrs for _, attrs in parser.tags if {"src", "href"} & set(attrs)]
+    assert [set(a) & {"src", "href"} for a in sources] == [{"src"}, {"src"}]  # the two thumbnails, inline
+    assert all(a["src"].startswith("data:image/jpeg;base64,") for a in sources)
     assert "&lt;script&gt;document.title=&#x27;pwned&#x27;&lt;/script&gt;" in html
 
 
@@ -234,7 +192,7 @@ def test_page_shows_the_report_numbers(chromium, report, tmp_path):
 def test_script_in_an_answer_stays_text(chromium, report, tmp_path):
     dom = dump_dom(chromium, tmp_path, report["paths"]["html"].as_uri())
     assert "<title>Eval report: r 1</title>" in dom  # the injected script never ran
-    assert dom.count("<script") == 1 and "<img" not in dom
+    assert dom.count("<script") == 1 and dom.count("<img") == dom.count('<img src="data:image/jpeg;base64,') == 2
     assert "&lt;script&gt;document.title='pwned'&lt;/script&gt;&lt;img src=x" in dom
 
 
@@ -254,6 +212,29 @@ def test_filter_and_search_from_the_url(chromium, report, tmp_path):
     dom = dump_dom(chromium, tmp_path, uri + "#filter=pass&q=nurse")
     assert [r["index"] for r in rows_of(dom) if not r["hidden"]] == [5]
     assert counter(dom) == (1, "1 of 7 shown")
+
+
+def test_examples_show_their_image_and_video_frames(chromium, report, tmp_path):
+    dom = dump_dom(chromium, tmp_path, report["paths"]["html"].as_uri())
+    rows = dom.split('<table id="examples">', 1)[1].split("</tr>")
+    assert 'data-kind="image"' in rows[1] and 'data-kind="video"' in rows[2]  # beside their own prompt
+    image, strip = data_images(dom)
+    assert image.size == (192, 96)  # 96 pixels high, the aspect ratio kept
+    left, right = np.asarray(image)[:, :80].mean(axis=(0, 1)), np.asarray(image)[:, 112:].mean(axis=(0, 1))
+    assert left[0] > 180 > left[2] and right[2] > 180 > right[0]
+    # 4 frames spread over the 3 s video (at 0, 0.75, 1.5, 2.25 s: frames 0, 8, 15, 23), side by side.
+    assert strip.height == 96 and strip.width == 4 * 128
+    greys = [np.asarray(strip.convert("L"))[:, 128 * i + 16:128 * i + 112].mean() for i in range(4)]
+    assert [round(g / LEVEL) for g in greys] == [0, 8, 15, 23]
+    assert "frames at 0.0, 0.8, 1.5, 2.2 s" in rows[2]
+    assert loaded_images(chromium, tmp_path, report["paths"]["html"]) == [[192, 96], [512, 96]]
+
+
+def test_a_missing_media_file_is_said_in_its_row(report, tmp_path):
+    (report["run_dir"] / "eval" / "reading.mp4").unlink()
+    paths = write_reports(report["run_dir"], report["run_dir"] / "eval" / "predictions.jsonl", report["json"])
+    html = paths["html"].read_text()
+    assert html.count("<img") == 1 and "video cannot be shown: no such file" in html
 
 
 def test_the_request_check_catches_an_external_load(chromium, tmp_path):

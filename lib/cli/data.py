@@ -1,4 +1,4 @@
-"""The data commands: config, convert, validate, split."""
+"""The data commands: config, convert, validate, review, split."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ def add_commands(sub, argv: list[str]) -> None:
     _add_config(sub)
     _add_convert(sub, argv)
     _add_validate(sub)
+    _add_review(sub)
     _add_split(sub)
 
 
@@ -141,6 +142,38 @@ def _validate(args) -> int:
     else:
         print_report(report)
     return 1 if report["problems"] else 0
+
+
+def _add_review(sub) -> None:
+    from slurmtune.data.converters import FORMATS
+    from slurmtune.data.review import MAX_ROWS
+    p = sub.add_parser("review", help="one offline page to look through data files before training",
+                       description="slurmtune review FILE... --out PAGE.html: every row with its images or "
+                                   "video frames and the problems validate finds in it, filtered and searched "
+                                   "in the page (PAGE.html#filter=problem&q=text)")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--out", required=True, metavar="PAGE.html")
+    p.add_argument("--format", choices=["auto", *FORMATS], default="auto",
+                   help="how to read the files (default: detect from the first record)")
+    p.add_argument("--tokenizer", metavar="DIR", help="model or tokenizer folder: flag rows over --max-length")
+    p.add_argument("--max-length", type=int, metavar="N", help="tokens per row in training")
+    p.add_argument("--max-rows", type=int, default=MAX_ROWS, metavar="N",
+                   help=f"rows put on the page (default {MAX_ROWS}; the rest are counted)")
+    p.set_defaults(func=_review)
+
+
+def _review(args) -> int:
+    from slurmtune.data.review import write_review
+    if (args.tokenizer is None) != (args.max_length is None):
+        raise UsageError("--tokenizer and --max-length go together")
+    if args.max_rows < 1:
+        raise UsageError(f"--max-rows {args.max_rows}: expected a positive number")
+    s = write_review(args.files, args.out, fmt=args.format, tokenizer=args.tokenizer,
+                     max_length=args.max_length, max_rows=args.max_rows)
+    print(f"{args.out}: {s['shown']} rows shown, {s['with_problems']} with problems "
+          f"({s['problems']} problem{'' if s['problems'] == 1 else 's'}), "
+          f"{s['excluded']} excluded by consent" + (f", {s['left_out']} left out" if s["left_out"] else ""))
+    return 0
 
 
 def _add_split(sub) -> None:

@@ -3,6 +3,7 @@
 ::
 
     slurmtune convert FORMAT FILES --out DIR       slurmtune validate FILES      (cli/data.py)
+    slurmtune review FILES --out PAGE.html                                     (cli/data.py)
     slurmtune run MANIFEST [--cluster NAME]        slurmtune sweep MANIFEST     (cli/run.py)
     slurmtune status [RUN]   slurmtune logs RUN    slurmtune cancel RUN         (cli/status.py)
     slurmtune predict / score / compare / merge / report                       (cli/evaluate.py)

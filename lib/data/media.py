@@ -9,6 +9,7 @@ serving: opened, sampled in time, sized within a pixel budget, and cached once d
     clip.frames.shape, clip.timestamps, clip.fps          # (T, H, W, 3) uint8, seconds, the sampled fps
     cache = FrameCache("~/.cache/slurmtune/frames")
     clip = cache.video("talks/s1.mp4", fps=2.0, max_frames=16, max_pixels=200_704)  # decoded once
+    thumbnail("talks/s1.mp4", "video")                    # Thumbnail(uri="data:image/jpeg;base64,...", caption)
 
 Videos are decoded with PyAV (FFmpeg in its wheel; no system FFmpeg on the nodes). Frames are
 taken at ``fps`` from the start; a video longer than ``max_frames / fps`` seconds gets
@@ -20,11 +21,17 @@ vision tower's patch x merge size) and stay within ``max_pixels`` per frame or i
 The cache keys a clip by the file's path, size and modification time and the sampling
 settings, and stores it as ``.npy`` (no pickle) written atomically, so a 3-epoch run and its
 eval decode each video once, and a changed file is decoded again.
+
+Pages (report.html, a review page) show an image as a small JPEG and a video as a strip of
+frames spread over its length, inline as ``data:`` URIs, so a page stays one file that loads
+nothing.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
 import math
 import os
@@ -211,3 +218,37 @@ class FrameCache:
         text = json.dumps([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, fps, max_frames, max_pixels,
                            factor])
         return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+THUMB_HEIGHT = 96  # pixels, for a page's thumbnails
+STRIP_FRAMES = 4
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    uri: str  # data:image/jpeg;base64,...
+    caption: str  # the size, or a video's length and the times of its frames
+
+
+def thumbnail(path: str | Path, kind: str, height: int = THUMB_HEIGHT, frames: int = STRIP_FRAMES) -> Thumbnail:
+    """A page's view of an image (a JPEG ``height`` pixels high) or a video (``frames`` frames
+    spread over its length, side by side). Raises MediaError when the file cannot be used."""
+    from PIL import Image
+
+    info = probe(path, kind)
+    if kind == IMAGE:
+        with Image.open(path) as image:
+            picture = image.convert("RGB")
+        caption = f"{info.width}x{info.height}"
+    else:
+        fps = frames / info.duration_s if info.duration_s > 0 else 1.0
+        scale = height / info.height
+        clip = decode_video(path, fps, frames, max(4, round(info.width * scale)) * height, factor=2)
+        picture = Image.fromarray(np.concatenate(list(clip.frames), axis=1))
+        stamps = ", ".join(f"{t:.1f}" for t in clip.timestamps)
+        caption = f"{info.width}x{info.height}, {info.duration_s:.1f} s; frames at {stamps} s"
+    width = max(1, round(picture.width * height / picture.height))
+    picture = picture.resize((width, height), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    picture.save(out, format="JPEG", quality=70)
+    return Thumbnail("data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii"), caption)

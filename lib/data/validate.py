@@ -137,7 +137,8 @@ def check_qwen_manifest(row: Any, fmt: str) -> list[tuple[str, str]]:
     return problems
 
 
-def _media_of(value: Any, fmt: str) -> list[tuple[str, str]]:
+def media_of(value: Any, fmt: str) -> list[tuple[str, str]]:
+    """(field, path) of every image or video a row of format ``fmt`` names."""
     if not isinstance(value, dict):
         return []
     if fmt in QWEN_MANIFESTS:
@@ -156,10 +157,14 @@ def _group_of(value: Any) -> Any:
 
 
 def validate_files(files: list[str], fmt: str = "auto", check_paths: bool = False,
-                   tokenizer: str | None = None, max_length: int | None = None) -> dict:
+                   tokenizer: str | None = None, max_length: int | None = None, on_row=None) -> dict:
+    """The report: files, rows, excluded, problems (file, line, field, message) and stats.
+    ``on_row(where, value, fmt)`` is called after each row is checked (``value`` None for one that
+    could not be read), never for a row excluded by consent."""
     if fmt != "auto" and fmt not in FORMATS and fmt not in CANONICAL:
         raise UsageError(f"unknown format {fmt!r}")
     run = _Validation(fmt, check_paths, _TokenLengths(tokenizer, max_length) if tokenizer else None)
+    run.on_row = on_row
     for name in files:
         try:
             path = check_input_file(name)
@@ -181,6 +186,7 @@ class _Validation:
         self.report: dict = {"files": [], "rows": 0, "excluded": 0, "problems": [], "stats": {}}
         self.checkers: dict[str, _Checker] = {}
         self.group_file: dict[tuple[str, Any], Where] = {}
+        self.on_row = None
 
     def problem(self, where: Where, field: str | None, message: str) -> None:
         entry = {"file": str(where.path), "line": where.line, "field": where.field(field or None),
@@ -200,21 +206,29 @@ class _Validation:
                 entry["rows"] += 1
                 self.report["rows"] += 1
                 where = Where.of(path, item)
-                if item.error:
-                    self.problem(where, None, item.error)
-                    continue
-                checker = self.checker(entry, item.value, path)
-                try:
-                    problems = checker.check(item.value, where)
-                except Excluded:  # consent first: never inspected, never shown
-                    entry["excluded"] += 1
-                    self.report["excluded"] += 1
-                    continue
-                for field, message in problems:
-                    self.problem(where, field, message)
-                self.row(item.value, where, checker.fmt, reported)
+                self.checked(entry, item, where, reported)
         except DataError as e:
             self.report["problems"].append({"file": e.path, "line": e.line, "field": e.field, "message": e.reason})
+
+    def checked(self, entry: dict, item, where: Where, reported: set) -> None:
+        value, fmt = None, entry["format"]
+        if item.error:
+            self.problem(where, None, item.error)
+        else:
+            checker = self.checker(entry, item.value, where.path)
+            fmt = checker.fmt
+            try:
+                problems = checker.check(item.value, where)
+            except Excluded:  # consent first: never inspected, never shown
+                entry["excluded"] += 1
+                self.report["excluded"] += 1
+                return
+            value = item.value
+            for field, message in problems:
+                self.problem(where, field, message)
+            self.row(item.value, where, fmt, reported)
+        if self.on_row is not None:
+            self.on_row(where, value, fmt)
 
     def checker(self, entry: dict, value: Any, path: Path) -> _Checker:
         if entry["format"] == "unknown":
@@ -235,7 +249,7 @@ class _Validation:
                 self.problem(where, "student_id", f"student {group!r} is also in {first.seen_from(where)}; "
                              "expected each student in one split only")
         if self.check_paths:
-            for field, media in _media_of(value, fmt):
+            for field, media in media_of(value, fmt):
                 problem = row_media_problem(media, field, where.path)
                 if problem:
                     self.problem(where, field, problem)

@@ -112,7 +112,8 @@ def with_absolute_media(record: dict, where: str) -> dict:
         if isinstance(content, list):
             content = [{**part, PART_TYPES[part["type"]]: str(folder / part[PART_TYPES[part["type"]]])}
                        if isinstance(part, dict) and part.get("type") in ("image", "video")
-                       and not Path(part.get(PART_TYPES[part["type"]], "")).is_absolute() else part
+                       and isinstance(part.get(PART_TYPES[part["type"]]), str)
+                       and not Path(part[PART_TYPES[part["type"]]]).is_absolute() else part
                        for part in content]
         messages.append({**m, "content": content})
     return {**record, "messages": messages}

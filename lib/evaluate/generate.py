@@ -349,7 +349,8 @@ def predict_file(model_path, in_file, out_file, adapter=None, base=None,
     records = read_eval_records(in_file)
     index, count = shard or (0, 1)
     positions = shard_range(len(records), index, count)
-    mine = [_with_index(records[i], i) for i in positions]
+    # Media paths made absolute (they were relative to the eval file), so the report finds them.
+    mine = [_with_index(_media_absolute(records[i], f"{in_file}:{i + 1}"), i) for i in positions]
     answers: list[str] = []
     if mine and client is not None:
         answers = client.answers(mine, max_new_tokens)
@@ -365,6 +366,12 @@ def predict_file(model_path, in_file, out_file, adapter=None, base=None,
             answers = predict(model, tokenizer, mine, batch_size, max_new_tokens)
     _write_jsonl(out_file, ({**r, "actual": a} for r, a in zip(mine, answers)))
     return out_file
+
+
+def _media_absolute(record: dict, where: str) -> dict:
+    from slurmtune.data.vision import with_absolute_media
+
+    return with_absolute_media(record, where) if isinstance(record.get("messages"), list) else record
 
 
 def _with_index(record: dict, index: int) -> dict:

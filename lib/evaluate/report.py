@@ -34,8 +34,9 @@ from slurmtune.evaluate.generate import expected_answer, eval_prompt, prompt_tex
 from slurmtune.data.jsonio import AtomicFiles
 from slurmtune.evaluate.metrics import compare_rows, read_predictions, score
 from slurmtune.data.records import content_text
+from slurmtune.data.review import MediaViews
+from slurmtune.page import render_page
 
-TEMPLATE = Path(__file__).with_name("report_template.html")
 PROMPT_PREVIEW_CHARS = 160
 
 # (metric key, label, headline value key, how to show it)
@@ -286,14 +287,16 @@ def _metrics_table(rows: list[dict]) -> str:
             f'</tr></thead><tbody>{body}</tbody></table>')
 
 
-def _example_row(record: dict, detail: dict) -> str:
+def _example_row(record: dict, detail: dict, media: MediaViews) -> str:
     status = {True: "pass", False: "fail", None: "na"}[detail["passed"]]
     verdict = {"pass": "pass", "fail": "fail", "na": "not graded"}[status]
     full_prompt = prompt_text(record)
     expected = expected_answer(record)
+    prompt = eval_prompt(record)
     return (f'<tr data-status="{status}" data-index="{detail["index"]}">'
             f'<td class="idx">{detail["index"]}</td>'
             f'<td class="text">{escape(_short_prompt(record))}'
+            f'{media.html(prompt) if isinstance(prompt, list) else ""}'
             f'<details><summary>full prompt</summary><pre>{escape(full_prompt)}</pre></details></td>'
             f'<td class="text">{escape(expected if expected is not None else "–")}</td>'
             f'<td class="text actual">{escape(str(record.get("actual", "")))}</td>'
@@ -379,18 +382,18 @@ def _cards(metrics: dict, history: dict) -> str:
 
 def render_html(run_dir: Path, predictions_file: Path, records: list[dict], metrics: dict,
                 history: dict) -> str:
-    values = {
-        "TITLE": escape(f"Eval report: {run_dir.resolve().name}"),
-        "SUBTITLE": escape(f"{predictions_file}"),
-        "CARDS": _cards(metrics, history),
-        "METRICS": _metrics_table(metric_rows(metrics)),
-        "LOSS": loss_svg(history),
-        "TRIGGER": _trigger_section(records),
-        "N_ROWS": str(len(records)),
-        "ROWS": "\n".join(_example_row(r, d) for r, d in zip(records, metrics["records"])),
-    }
-    # One pass, so a placeholder-like string inside the data is never substituted.
-    return re.sub(r"@@([A-Z_]+)@@", lambda m: values[m.group(1)], TEMPLATE.read_text(encoding="utf-8"))
+    """report.html: the cards, metrics, loss curves and trigger table, then every example with its
+    images or video frames (paths relative to the predictions file's folder, or absolute)."""
+    sections = (f'<div class="cards">{_cards(metrics, history)}</div>\n'
+                f"<h2>Metrics</h2>\n{_metrics_table(metric_rows(metrics))}\n"
+                f'<h2>Training and validation loss</h2>\n<div class="panel">{loss_svg(history)}</div>\n'
+                f"{_trigger_section(records)}")
+    media = MediaViews(predictions_file.parent)
+    return render_page(
+        title=f"Eval report: {run_dir.resolve().name}", subtitle=str(predictions_file), sections=sections,
+        rows_title="Examples", filters=[("pass", "passed"), ("fail", "failed"), ("na", "not graded")],
+        search_hint="Search prompt, expected or actual answer", head=["#", "Prompt", "Expected", "Actual", "Result"],
+        rows=[_example_row(r, d, media) for r, d in zip(records, metrics["records"])])
 
 
 # --- Markdown and JSON ------------------------------------------------------------------------
