@@ -123,7 +123,20 @@ def slurm_cluster():
         if os.environ.get("CI") == "true":
             pytest.fail(f"SLURM test cluster did not start: {error}", pytrace=False)
         pytest.skip(f"SLURM test cluster unavailable: {error}")
+    # A 1-minute limit ends a job 60-90 s after it starts (limits are checked about every 30 s):
+    # submitted with the first cluster test, it has timed out long before test_test_cluster asks.
+    timeout_job = _sbatch(env, "--time=1", "-J", "timeout-check", "-o", os.devnull, "--wrap", "sleep 600")
+    EARLY_JOBS["timeout"] = timeout_job
     yield env
+    subprocess.run(["scancel", timeout_job], capture_output=True, env=env)
+
+
+EARLY_JOBS: dict[str, str] = {}  # jobs the session fixture submits first: name -> job id
+
+
+def _sbatch(env: dict[str, str], *args: str) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, env=env, check=True)
+    return proc.stdout.strip().split(";")[0]  # "<id>[;<cluster>]"
 
 
 def _states(cmd: list[str], env: dict[str, str]) -> list[str]:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import read_jsonl, write_jsonl
+from slurmtune.data.vision import with_absolute_media
 from slurmtune.errors import DataError, UsageError
 from slurmtune.evaluate.generate import (expected_answer, load_for_generation, merge_adapter, merge_shards,
                                 predict, predict_file, prompt_ids, shard_range)
@@ -124,6 +125,9 @@ def test_sharded_predict_merges_in_input_order_and_is_not_redone(tmp_path, base_
     expected_answers = predict(*adapter_model, records, max_new_tokens=MAX_NEW_TOKENS)
     for i, (source, out) in enumerate(zip(records, merged)):
         assert out["actual"] == expected_answers[i]
+        # The record as given, its media paths made absolute (they were relative to the eval file).
+        if "messages" in source:
+            source = with_absolute_media(source, f"{eval_file}:{i + 1}")
         assert {k: v for k, v in out.items() if k not in ("actual", "meta")} == \
                {k: v for k, v in source.items() if k != "meta"}
         assert out["meta"] == {**source.get("meta", {}), "eval_index": i}

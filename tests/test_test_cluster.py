@@ -1,7 +1,7 @@
 """The SLURM test cluster (env/test-cluster) behaves like a real cluster.
 
-These run real jobs. The time-limit job is submitted before everything else
-(module fixture) so its 60-90 s wait overlaps the other tests.
+These run real jobs. The time-limit job is submitted when the session's first cluster test
+starts the cluster (slurm_cluster.py), so its 60-90 s wait overlaps the other tests.
 """
 
 import os
@@ -12,7 +12,7 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from slurm_cluster import wait_for_state  # noqa: E402
+from slurm_cluster import EARLY_JOBS, wait_for_state  # noqa: E402
 
 pytestmark = pytest.mark.slurm
 
@@ -75,15 +75,10 @@ def submitted(slurm_cluster):
         run(["scancel", *ids], slurm_cluster, check=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def timeout_job(slurm_cluster, workdir, submitted):
-    """A job with a 1-minute limit that would sleep 10 minutes, submitted first."""
-    job_id = sbatch(
-        slurm_cluster, "--time=1", "-o", str(workdir / "timeout-%j.out"),
-        "--wrap", "sleep 600",
-    )
-    submitted.append(job_id)
-    return job_id
+@pytest.fixture(scope="module")
+def timeout_job(slurm_cluster):
+    """A job with a 1-minute limit that would sleep 10 minutes, submitted when the cluster came up."""
+    return EARLY_JOBS["timeout"]
 
 
 def test_job_completes(slurm_cluster, workdir, submitted):
@@ -170,6 +165,6 @@ def test_requeue_restarts_job(slurm_cluster, workdir, submitted):
 
 def test_time_limit_gives_timeout(slurm_cluster, timeout_job):
     # Limits are checked about every 30 s: a 1-minute limit ends at ~60-90 s
-    # after the start, and this job was submitted when the module began.
+    # after the start, and this job was submitted when the cluster came up.
     assert wait_for_state(timeout_job, timeout_s=150, env=slurm_cluster) == "TIMEOUT"
     assert_sacct(timeout_job, slurm_cluster, [{"State": "TIMEOUT", "Timelimit": "00:01:00"}])
