@@ -119,6 +119,7 @@ def job_problems(cfg: RunConfig, kind: str) -> list[str]:
 
 def convert_problems(cfg: RunConfig) -> list[str]:
     from slurmtune.data.converters import FORMATS, get_converter
+    from slurmtune.data.converters.base import FLAG_TEXT
 
     if cfg.data.format not in FORMATS:
         return [f"data.format: {cfg.data.format!r}; expected one of {', '.join(FORMATS)}"]
@@ -127,6 +128,9 @@ def convert_problems(cfg: RunConfig) -> list[str]:
                 f"{', '.join(known) or 'none'}" for name in cfg.data.options if name not in known]
     problems += [f"data.options.{opt.name}: required by {cfg.data.format} ({opt.help})"
                  for opt in known.values() if opt.required and not cfg.data.options.get(opt.name)]
+    problems += [f"data.options.{opt.name}: {cfg.data.options[opt.name]!r} is not on or off; expected true or false"
+                 for opt in known.values() if opt.flag and opt.name in cfg.data.options
+                 and str(cfg.data.options[opt.name]).strip().lower() not in FLAG_TEXT]
     return problems
 
 
@@ -369,7 +373,7 @@ def vision_preview(cfg: RunConfig, run_dir: Path | None) -> tuple[Preview | None
     lengths (nothing decoded, nothing written). Prints the trained-token share."""
     import sys
 
-    from slurmtune.data.dataset import TrainRecords, read_train_files
+    from slurmtune.data.dataset import read_train_files
     from slurmtune.data.records import media_paths
     from slurmtune.data.validate import row_media_problem
     from slurmtune.data.vision import VisionSettings, load_encoder, with_absolute_media
@@ -378,8 +382,7 @@ def vision_preview(cfg: RunConfig, run_dir: Path | None) -> tuple[Preview | None
     if files and all(Path(f).is_file() for f in files):
         data, source = read_train_files(files), files[0]
     elif cfg.data.inputs and run_dir is None:
-        records, kind, source = _converted_preview(cfg)
-        data = TrainRecords(kind, records)
+        data, source = _converted_preview(cfg)
     else:
         return None, []  # written by an earlier step of this run, whose validate step opens the media
     v = cfg.vision
@@ -396,8 +399,12 @@ def vision_preview(cfg: RunConfig, run_dir: Path | None) -> tuple[Preview | None
         tokens, trained = tokens + total, trained + learned
         if total > cfg.train.max_length:
             problems.append(f"{data.row(n)}: {encoder.too_long(total, media, cfg.train.max_length)}")
-    print(f"preflight: {trained}/{tokens} tokens trained ({trained / max(1, tokens):.0%}) in {len(data.records)} "
-          f"rows of {source}, images and video counted", file=sys.stderr)
+    if any("file not found" in p for p in problems) and "media_root" in cfg.data.options:
+        problems.append(f"data.options.media_root: {cfg.data.options['media_root']} does not hold the export's "
+                        "videos above; fix: data.options.media_root=FOLDER (the one their relative paths start in)")
+    if not problems:
+        print(f"preflight: {trained}/{tokens} tokens trained ({trained / max(1, tokens):.0%}) in "
+              f"{len(data.records)} rows of {source}, images and video counted", file=sys.stderr)
     report = {"rows": len(data.records), "tokens": tokens, "trained_tokens": trained,
               "trained_share": trained / max(1, tokens)}
     return Preview(data.records, source, report), problems
@@ -406,7 +413,7 @@ def vision_preview(cfg: RunConfig, run_dir: Path | None) -> tuple[Preview | None
 def preview_training(cfg: RunConfig, run_dir: Path | None) -> Preview | None:
     """The first rows tokenized as training will (None when there is nothing to read yet:
     data that an earlier step of an existing run writes)."""
-    from slurmtune.data.dataset import TrainRecords, count_trained_tokens, prepare_tokenizer, read_train_files
+    from slurmtune.data.dataset import count_trained_tokens, prepare_tokenizer, read_train_files
     from slurmtune.data.vision import is_vision_model
 
     if is_vision_model(cfg.model.path):
@@ -422,8 +429,7 @@ def preview_training(cfg: RunConfig, run_dir: Path | None) -> Preview | None:
         tokenizer = build_tokenizer()  # the job builds the model; its tokenizer is built alike, in memory
 
     if cfg.data.inputs and run_dir is None:
-        records, kind, source = _converted_preview(cfg)
-        data = TrainRecords(kind, records)
+        data, source = _converted_preview(cfg)
     else:
         files, _ = data_files(cfg, run_dir or ".")
         if not files or not all(Path(f).is_file() for f in files):
@@ -433,13 +439,13 @@ def preview_training(cfg: RunConfig, run_dir: Path | None) -> Preview | None:
     return Preview(data.records, source, count_trained_tokens(cfg, tokenizer, data, template))
 
 
-def _converted_preview(cfg: RunConfig) -> tuple[list[dict], str, str]:
+def _converted_preview(cfg: RunConfig) -> tuple["TrainRecords", str]:
     """The first rows of ``data.inputs`` through the run's converter, in memory: what the
     convert step will write to train.jsonl (consent-excluded and invalid rows left out,
     as there), as training records."""
     from slurmtune.data.converters import get_converter
     from slurmtune.data.converters.base import Excluded, Rejected, Skipped
-    from slurmtune.data.dataset import KIND_OF_FORMAT, TRAINABLE_FORMATS, trainable_body
+    from slurmtune.data.dataset import KIND_OF_FORMAT, TRAINABLE_FORMATS, TrainRecords, trainable_body
     from slurmtune.data.validate import detect_format
 
     converter = get_converter(cfg.data.format)(**cfg.data.options)
@@ -465,7 +471,21 @@ def _converted_preview(cfg: RunConfig) -> tuple[list[dict], str, str]:
         raise SlurmtuneError(f"data.format={cfg.data.format} writes {fmt!r} records, which the text recipe "
                              "cannot train on; fix: a chat output of the converter (e.g. data.options.chat: "
                              "'true' where it has one)")
-    return [trainable_body(r) for r in records[:PREVIEW_ROWS]], KIND_OF_FORMAT[fmt], source
+    kept = records[:PREVIEW_ROWS]
+    return TrainRecords(KIND_OF_FORMAT[fmt], [trainable_body(r) for r in kept],
+                        where=[_source_row(n, r.get("meta"), converter.list_keys) for n, r in enumerate(kept, 1)]), source
+
+
+def _source_row(n: int, meta, list_keys: tuple[str, ...]) -> str:
+    """A row converted in memory as messages name it: the source row it came from
+    (``exported.json:6: evaluations[4]``), or the evaluations a pair joins."""
+    meta = meta if isinstance(meta, dict) else {}
+    if meta.get("file") and meta.get("line"):
+        place = f"{meta['file']}:{meta['line']}"
+        key = list_keys[0] if list_keys else ""
+        return place + (f": {key}[{meta['index']}]" if meta.get("index") is not None else "")
+    ids = meta.get("evaluation_ids")
+    return f"record {n} (evaluations {', '.join(map(str, ids))})" if isinstance(ids, list) else f"record {n}"
 
 
 # --- 4. the memory and time estimate -------------------------------------------------------

@@ -147,6 +147,8 @@ def set_value(obj, key: str, value: Any, problems: list[str], base: Path | None 
 def _set_entry(mapping: dict, entry: str, value: Any, key: str, hint, problems: list[str], text: bool) -> None:
     item = typing.get_args(_strip_optional(hint))[1]
     value = _read_text(value, item) if text else value
+    if item is str and isinstance(value, bool):
+        value = "true" if value else "false"  # `chat: true` in YAML, for an option read as text
     ok, converted = _check(value, item)
     if ok:
         mapping[entry] = converted
@@ -170,6 +172,11 @@ def _set_field(obj, name: str, value: Any, prefix: str, problems: list[str], bas
             problems.append(f"{key}: is a section; expected a mapping of its keys "
                             f"(e.g. {key}.{dataclasses.fields(hint)[0].name}), got {_show(value)}")
         return
+    if typing.get_origin(_strip_optional(hint)) is dict and isinstance(value, dict):
+        entries: dict = {}
+        for entry, item in value.items():  # each entry checked on its own, named in its problem
+            _set_entry(entries, str(entry), item, key, hint, problems, False)
+        value = entries
     ok, converted = _check(value, hint)
     if not ok:
         problems.append(f"{key}: {_show(value)} is not {_type_name(hint)}")

@@ -283,6 +283,24 @@ def test_rubric_agreement_by_hand():
     assert [d["passed"] for d in score(rows)["records"]] == [True, False, False, False, False]
 
 
+def test_comparison_pairs_are_scored_per_speech_and_category():
+    def pair(first: tuple, second: tuple) -> dict:
+        return {"speech_1": json.loads(graded(*first)), "speech_2": json.loads(graded(*second))}
+
+    expected = json.dumps(pair((35, 25), (30, 20)))
+    rows = [{"messages": [{"role": "user", "content": "Grade both."}, {"role": "assistant", "content": expected}],
+             "actual": actual} for actual in (json.dumps(pair((34, 25), (30, 22))),   # errors 1, 0, 0, 2
+                                              json.dumps({"speech_1": json.loads(graded(35, 25))}),  # one missing
+                                              graded(35, 25))]                                       # not a pair
+    result = score(rows)
+    agreement = result["metrics"]["rubric_agreement"]
+    assert (agreement["n"], agreement["parsed"]) == (3, 1)
+    assert agreement["category_mae"] == {"speech_1/Content": 1.0, "speech_1/Delivery": 0.0,
+                                         "speech_2/Content": 0.0, "speech_2/Delivery": 2.0}
+    assert result["metrics"]["format_compliance"] == {"n": 3, "passed": 1, "rate": 1 / 3}
+    assert any("speech_2/Content" in p for p in result["records"][1]["checks"]["format_problems"])
+
+
 def test_key_point_coverage():
     rows = [prediction("", "Use a CYLINDER;  the field is\nradial", key_points=["cylinder", "λ/(2πε0 r)",
                                                                                 "Radial", "1/r"]),

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -122,9 +123,47 @@ def test_qwen_as_chat_records_with_media_parts(cli, tmp_path):
     assert cli("convert", "qwen-single", src, "--out", tmp_path, "--chat").code == 0
     (record,) = read_jsonl(tmp_path / "train_qwen.jsonl")
     user, assistant = record["messages"]
-    assert user["content"][0] == {"type": "video", "video": "v1.mp4"}
+    # Relative to the export's folder, made absolute: the run trains from another folder.
+    assert user["content"][0] == {"type": "video", "video": str(tmp_path / "v1.mp4")}
     assert json.loads(assistant["content"]) == evaluation(1)["evaluation_data"]["sections"]
     assert cli("validate", tmp_path / "train_qwen.jsonl").code == 0
+
+
+def test_media_root_places_the_export_s_relative_paths(cli, tmp_path):
+    src = write_export(tmp_path / "exported.json", [evaluation(1), evaluation(2, video_path="/abs/v2.mp4"),
+                                                    evaluation(3, video_path="https://cdn.example/v3.mp4")])
+    media = tmp_path / "media store"
+    assert cli("convert", "qwen-single", src, "--out", tmp_path / "out", "--chat", "--media-root", media).code == 0
+    videos = [r["messages"][0]["content"][0]["video"] for r in read_jsonl(tmp_path / "out" / "train_qwen.jsonl")]
+    assert videos == [str(media / "v1.mp4"), "/abs/v2.mp4", "https://cdn.example/v3.mp4"]
+    assert cli("convert", "qwen-single", src, "--out", tmp_path / "manifest").code == 0  # the manifest keeps them
+    assert [r["video_path"] for r in read_jsonl(tmp_path / "manifest" / "train_qwen.jsonl")] == \
+        ["v1.mp4", "/abs/v2.mp4", "https://cdn.example/v3.mp4"]
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("media_root: [1]", "data.options.media_root: list is not a string"),
+    ("chat: maybe", "data.options.chat: 'maybe' is not on or off; expected true or false"),
+])
+def test_manifest_options_are_checked_entry_by_entry(cli, tmp_path, value, problem):
+    src = write_export(tmp_path / "exported.json", [evaluation(1)])
+    m = tmp_path / "m.yaml"
+    m.write_text(f"name: q\ndata:\n  format: qwen-single\n  inputs: [{src}]\n  options: {{{value}}}\n"
+                 f"model: {{path: {tmp_path}}}\n")
+    r = cli("run", m, "--dry-run")
+    assert r.code != 0 and problem in r.err
+
+
+def test_a_switch_written_false_in_a_manifest_is_off(tmp_path):
+    from slurmtune.config import load_manifest
+
+    src = write_export(tmp_path / "exported.json", [evaluation(1)])
+    m = tmp_path / "m.yaml"
+    m.write_text(f"name: q\ndata:\n  format: qwen-single\n  inputs: [{src}]\n  options: {{chat: false}}\n")
+    cfg = load_manifest(m)
+    assert cfg.data.options == {"chat": "false"}
+    converter = get_converter("qwen-single")(**cfg.data.options)
+    assert converter.opts["chat"] is False and converter.group_field == "student_id"
 
 
 # --- properties -----------------------------------------------------------------------

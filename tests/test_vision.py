@@ -70,7 +70,7 @@ def test_video_patches_are_laid_out_as_the_image_processor_lays_out_an_image(enc
     image to fill its temporal patch): the same numbers in the same order."""
     frame = np.asarray(Image.open(media["image"]).convert("RGB").resize((56, 28)))
     video, grid = encoder.video_patches(np.stack([frame, frame]))
-    image = encoder.images(images=[Image.fromarray(frame)], min_pixels=28 * 28, max_pixels=56 * 56,
+    image = encoder.images(images=[Image.fromarray(frame)], size={"shortest_edge": 28 * 28, "longest_edge": 56 * 56},
                            return_tensors="np")
     assert grid == tuple(image["image_grid_thw"][0]) == (1, 2, 4)
     assert video.shape == image["pixel_values"].shape == (8, 1176)
@@ -286,3 +286,55 @@ def test_lora_vision_on_a_text_model_is_refused(cli, tmp_path):
             f"data.train_files=[{data}]", "data.inputs=[]", "lora.vision=[tower]", "--executor", "debug", "--dry-run")
     assert r.code == 1
     assert f"lora.vision=['tower']: {model} has no vision tower; fix: lora.vision=[]" in r.err
+
+
+# --- the SpeechGradebook video manifests ---------------------------------------------------
+
+SGB_MANIFESTS = {"speechgradebook-qwen-vl": 16, "speechgradebook-qwen-vl-corrections": 7,
+                 "speechgradebook-qwen-vl-pairs": 16}  # training rows the preflight converts
+
+
+@pytest.fixture(scope="module")
+def speech_videos(tmp_path_factory) -> Path:
+    """A media root with a 2-second video for every evaluation of the bundled export."""
+    root = tmp_path_factory.mktemp("speech-media")
+    export = json.loads((REPO / "examples" / "speechgradebook" / "exported.json").read_text())
+    (root / "videos").mkdir()
+    for ev in export["evaluations"]:
+        write_video(root / ev["video_path"], seconds=2, fps=4)
+    return root
+
+
+@pytest.mark.parametrize("name", SGB_MANIFESTS)
+def test_the_speech_video_manifests_are_counted_before_queueing(cli, speech_videos, name):
+    """Each video manifest as shipped, against the real Qwen2.5-VL-7B config: its rows converted in
+    memory (relative video paths under data.options.media_root), every video opened and counted."""
+    r = cli("estimate", REPO / "manifests" / f"{name}.yaml", f"model.path={QWEN_VL}",
+            f"data.options.media_root={speech_videos}")
+    assert r.code == 0, r.err
+    fmt = name.replace("speechgradebook-qwen-vl", "qwen-single").replace("qwen-single-", "qwen-")
+    assert f" in {SGB_MANIFESTS[name]} rows of {fmt} data converted from exported.json" in r.err
+    missing = cli("estimate", REPO / "manifests" / f"{name}.yaml", f"model.path={QWEN_VL}",
+                  f"data.options.media_root={speech_videos / 'elsewhere'}")
+    assert missing.code == 1 and "is not a readable video" not in missing.err
+    assert f"{speech_videos / 'elsewhere' / 'videos'}/" in missing.err and "file not found" in missing.err
+
+
+def test_the_comparison_pairs_manifest_runs_end_to_end_on_a_tiny_model(cli, media, speech_videos, tmp_path):
+    """Two videos of one student in each prompt: converted, trained, answered and scored per speech."""
+    r = cli("run", REPO / "manifests" / "speechgradebook-qwen-vl-pairs.yaml", f"model.path={media['model']}",
+            f"data.options.media_root={speech_videos}", f"output_dir={tmp_path / 'runs'}", "train.method=lora",
+            "train.max_steps=2", "train.grad_accum=1", "vision.max_pixels=3136", "slurm.gpus=0", "slurm.cluster=",
+            "eval.max_new_tokens=4", "--executor", "debug")
+    assert r.code == 0, r.err
+    run = next((tmp_path / "runs").iterdir())
+    predictions = read_jsonl(run / "predictions.jsonl")
+    videos = [[p["video"] for p in row["messages"][0]["content"] if p["type"] == "video"] for row in predictions]
+    assert videos and all(len(v) == 2 and all(x.startswith(f"{speech_videos}/videos/") for x in v) for v in videos)
+    report = json.loads((run / "eval_report.json").read_text())
+    assert report["metrics"]["rubric_agreement"]["n"] == len(predictions)
+    assert (run / "report.html").read_text().count('data-kind="video"') == 2 * len(predictions)
+    trained = {p["video"] for row in read_jsonl(run / "data" / "train_qwen_pairs.jsonl")
+               for p in row["messages"][0]["content"] if p["type"] == "video"}
+    lineage = json.loads((run / "final" / "lineage.json").read_text())
+    assert sorted(m["path"] for m in lineage["media_files"]) == sorted(trained)

@@ -229,8 +229,9 @@ class QwenVLEncoder:
     # --- pixels ----------------------------------------------------------------------------
     def _image(self, path: str) -> dict:
         image = load_image(path, self.settings.max_pixels, self.factor)
-        out = self.images(images=[image], min_pixels=self.factor ** 2, max_pixels=self.settings.max_pixels,
-                          return_tensors="np")
+        # Qwen's image processor reads its pixel budget as size: shortest_edge = min, longest_edge = max pixels.
+        out = self.images(images=[image], size={"shortest_edge": self.factor ** 2,
+                                                "longest_edge": self.settings.max_pixels}, return_tensors="np")
         grid = tuple(int(x) for x in out["image_grid_thw"][0])
         return {"kind": "image", "pixels": out["pixel_values"], "grid": grid, "tokens": self._grid_tokens(*grid)}
 

@@ -17,7 +17,9 @@ and the records each one counts (``n``):
   (``{"Content": {"score": 35, "maxScore": 40, "subcategories": [...]}, ...}``, as
   SpeechGradebook's). The answer must parse as JSON, strictly (no code fences: the
   prompt asks for JSON only), and have exactly the expected shape: the same category
-  names, numeric scores within 0..maxScore, the same subcategory names.
+  names, numeric scores within 0..maxScore, the same subcategory names. An object of score
+  objects (comparison pairs: ``{"speech_1": {...}, "speech_2": {...}}``) counts as one, its
+  categories named ``speech_1/Content``.
 * ``rubric_agreement``: the same records, over the answers that parse and give a numeric
   score for every expected category (``parsed``): per-category mean absolute error,
   share of category scores within ±1 point, MAE and Pearson correlation of totals (sum
@@ -126,6 +128,25 @@ def as_score_object(value: Any) -> dict | None:
     return value
 
 
+def reference_scores(value: Any) -> dict | None:
+    """The score object an expected answer is, with the categories of an object of score
+    objects (comparison pairs) flattened to ``outer/category``; None for any other answer."""
+    if as_score_object(value) is not None:
+        return value
+    if isinstance(value, dict) and value and all(as_score_object(v) is not None for v in value.values()):
+        return {f"{outer}/{name}": section for outer, inner in value.items() for name, section in inner.items()}
+    return None
+
+
+def _answer_as(reference: dict, answer: Any) -> Any:
+    """The answer flattened as :func:`reference_scores` flattened its reference."""
+    outers = {key.split("/", 1)[0] for key in reference if "/" in key}
+    if not outers or not isinstance(answer, dict) or any(key in answer for key in reference):
+        return answer
+    return {f"{outer}/{name}": section for outer, inner in answer.items() if outer in outers
+            and isinstance(inner, dict) for name, section in inner.items()}
+
+
 # --- per-record checks --------------------------------------------------------------------
 
 def exact_match(expected: str, actual: str, normalize: bool = True) -> bool:
@@ -166,10 +187,10 @@ def check_prediction(record: dict, normalize: bool = True, replacements: dict | 
     checks: dict[str, Any] = {}
     if expected is not None:
         checks["exact_match"] = exact_match(expected, actual, normalize)
-    reference = as_score_object(parse_json_answer(expected)) if expected is not None else None
+    reference = reference_scores(parse_json_answer(expected)) if expected is not None else None
     scores = None
     if reference is not None:
-        parsed = parse_json_answer(actual)
+        parsed = _answer_as(reference, parse_json_answer(actual))
         problems = format_problems(parsed, reference)
         checks["format"] = not problems
         checks["format_problems"] = problems[:5]

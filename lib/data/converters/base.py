@@ -34,7 +34,7 @@ from slurmtune.data.jsonio import (AtomicFiles, Item, check_input_file, check_in
 from slurmtune.data.outputs import prepare_out_dir, previous_outputs
 from slurmtune.data.records import json_type
 from slurmtune.data.split import assign_groups, field_value
-from slurmtune.errors import DataError, SlurmtuneError, format_location
+from slurmtune.errors import DataError, SlurmtuneError, UsageError, format_location
 from slurmtune.progress import progress
 
 
@@ -120,6 +120,18 @@ class Option:
     flag: bool = False  # an on/off switch (``--chat``) rather than ``--name VALUE``
 
 
+FLAG_TEXT = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def flag_value(value: str | bool | None) -> bool:
+    """An on/off option's value; raises UsageError for text that is neither."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if str(value).strip().lower() not in FLAG_TEXT:
+        raise UsageError(f"{value!r} is not on or off; expected true or false")
+    return FLAG_TEXT[str(value).strip().lower()]
+
+
 class Converter:
     """One source format. Subclasses set the class attributes and implement ``convert``."""
 
@@ -133,9 +145,14 @@ class Converter:
     consent_required: ClassVar[bool] = False  # True: a row without a consent object may not train
     id_field: ClassVar[str | None] = "id"  # the source id: two rows with one id are an error
 
-    def __init__(self, **options: str | None):
-        self.opts = options
+    def __init__(self, **options: str | bool | None):
+        # A switch comes as True/False from the command line and as text from a manifest.
+        self.opts = {name: flag_value(value) if self._is_flag(name) else value for name, value in options.items()}
         self._seen: dict[str, Where] = {}  # source id -> the row that had it first
+
+    @classmethod
+    def _is_flag(cls, name: str) -> bool:
+        return any(opt.flag and opt.name == name for opt in cls.options)
 
     def rows(self, paths: list[Path]) -> Iterator[tuple[Where, Item]]:
         for path in paths:

@@ -7,12 +7,17 @@
     slurmtune convert qwen-corrections exported.json --out data/     # train_qwen_correction_pairs.jsonl
     slurmtune convert qwen-pairs exported.json --out data/           # train_qwen_pairs.jsonl
     slurmtune convert qwen-single exported.json --out data/ --chat   # chat records with video parts
+    slurmtune convert qwen-pairs exported.json --out data/ --chat --media-root /project/sgb/media
 
 The export is a list of evaluations, or ``{"evaluations": [...], ...}``. Each
 row is checked for consent first (slurmtune.data.consent), then for shape: the
 scores in ``evaluation_data.sections`` must match the rubric's categories and
 lie within 0..maxScore. The assistant's target is exactly that ``sections``
 object, as JSON.
+
+The Qwen manifests keep each ``video_path`` as the export has it (the manifest format's
+contract). Chat records (``--chat``) are trained from the run folder, so their media paths are
+made absolute: a relative one is taken under ``--media-root`` (default: the export's folder).
 """
 
 from __future__ import annotations
@@ -212,13 +217,15 @@ class SpeechGradebook(Converter):
 
 CHAT_OPTION = Option("chat", "write chat records with video/image parts instead of the Qwen manifest",
                      flag=True)
+MEDIA_ROOT_OPTION = Option("media_root", "folder the export's relative video/image paths are under, for "
+                                         "--chat records (default: the export file's folder)")
 
 
 class QwenSingle(SpeechGradebook):
     name = "qwen-single"
     help = "exported.json -> train_qwen.jsonl ({video_path|image_path, rubric, scores})"
     outputs = ("train_qwen.jsonl",)
-    options = (CHAT_OPTION,)
+    options = (CHAT_OPTION, MEDIA_ROOT_OPTION)
 
     @property
     def group_field(self) -> str:
@@ -226,7 +233,7 @@ class QwenSingle(SpeechGradebook):
 
     def convert(self, value: Any, where: Where) -> Iterable[tuple[str, dict]]:
         ev = self.admit(value, where)
-        kind, path = self.media(ev)
+        kind, path = self.media(ev, where)
         scores = ev["evaluation_data"]["sections"]
         if self.opts.get("chat"):
             prompt = QWEN_PROMPT + render_rubric(ev["rubric"])
@@ -235,11 +242,16 @@ class QwenSingle(SpeechGradebook):
         yield self.outputs[0], {f"{kind}_path": path, "rubric": ev["rubric"], "scores": scores,
                                 "evaluation_id": ev["evaluation_id"], "student_id": ev["student_id"]}
 
-    def media(self, ev: dict) -> tuple[str, str]:
+    def media(self, ev: dict, where: Where) -> tuple[str, str]:
+        """(kind, path) of the evaluation's video or image; for chat records an absolute path."""
         media = _media(ev)
         if media is None:
             raise Skipped("no video_path, video_url or image_path")
-        return media
+        kind, path = media
+        if not self.opts.get("chat") or path.startswith(("http://", "https://")) or Path(path).is_absolute():
+            return kind, path
+        root = Path(self.opts.get("media_root") or where.path.parent).expanduser()
+        return kind, str(root.absolute() / path)
 
 
 class QwenCorrections(QwenSingle):
@@ -251,7 +263,7 @@ class QwenCorrections(QwenSingle):
         ev = self.admit(value, where)
         if ev.get("scores_original") is None:
             raise Skipped("no scores_original (not corrected by an instructor)")
-        kind, path = self.media(ev)
+        kind, path = self.media(ev, where)
         if kind != "video":
             raise Skipped("no video_path or video_url")
         final = ev["evaluation_data"]["sections"]
@@ -285,7 +297,7 @@ class QwenPairs(QwenSingle):
 
     def convert(self, value: Any, where: Where) -> Iterable[tuple[str, dict]]:
         ev = self.admit(value, where)
-        kind, path = self.media(ev)
+        kind, path = self.media(ev, where)
         if kind != "video":
             raise Skipped("no video_path or video_url")
         at = _parse_time(ev.get("created_at"))
