@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Iterable
 from slurmtune.cluster.profiles import ClusterProfile, GpuFacts, gpu_facts
 from slurmtune.config import RunConfig
 from slurmtune.schema import value_problems
-from slurmtune.errors import SlurmtuneError
+from slurmtune.errors import DataError, SlurmtuneError
 from slurmtune.runs.folder import Run, data_files, has_eval
 from slurmtune.train.distributed import check_distributed, world_size
 
@@ -395,7 +395,11 @@ def vision_preview(cfg: RunConfig, run_dir: Path | None) -> tuple[Preview | None
         if bad:
             problems += bad
             continue
-        total, media, learned = encoder.count(record)
+        try:
+            total, media, learned = encoder.count(record, data.row(n))
+        except DataError as e:
+            problems.append(str(e))
+            continue
         tokens, trained = tokens + total, trained + learned
         if total > cfg.train.max_length:
             problems.append(f"{data.row(n)}: {encoder.too_long(total, media, cfg.train.max_length)}")

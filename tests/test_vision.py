@@ -8,6 +8,7 @@ end, its adapter on the language model only, merged into a folder that loads wit
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -338,3 +339,99 @@ def test_the_comparison_pairs_manifest_runs_end_to_end_on_a_tiny_model(cli, medi
                for p in row["messages"][0]["content"] if p["type"] == "video"}
     lineage = json.loads((run / "final" / "lineage.json").read_text())
     assert sorted(m["path"] for m in lineage["media_files"]) == sorted(trained)
+
+
+# --- Mistral3 (Mistral-Small-3.1-shaped: a Pixtral tower, images only) --------------------
+
+MISTRAL = REPO.parent / "shared" / "models" / "mistral-7b-instruct-v0.3"
+
+
+@pytest.fixture(scope="module")
+def mistral3(media, tmp_path_factory) -> dict:
+    from slurmtune.train.tiny_model import make_tiny_mistral3
+
+    root = tmp_path_factory.mktemp("mistral3")
+    Image.new("RGB", (200, 60), (10, 10, 200)).save(root / "wide.png")
+    return {**media, "model": make_tiny_mistral3(root / "tiny-m3", MISTRAL), "wide": root / "wide.png"}
+
+
+@pytest.fixture
+def m3_encoder(mistral3, tmp_path):
+    return load_encoder(mistral3["model"], VisionSettings(max_pixels=56 * 112), tmp_path / "frames")
+
+
+def test_mistral3_rows_expand_each_image_by_rows_and_train_only_the_answers(m3_encoder, mistral3):
+    record = {"messages": [
+        {"role": "system", "content": "Read documents."},
+        {"role": "user", "content": [{"type": "text", "text": "Title?"}, {"type": "image", "image": str(mistral3["image"])}]},
+        {"role": "assistant", "content": "Red page"},
+        {"role": "user", "content": "And its colour?"},
+        {"role": "assistant", "content": "Red"}]}
+    encoded = m3_encoder.encode(record)
+    tok, ids, labels = m3_encoder.tokenizer, encoded["input_ids"], encoded["labels"]
+    tokens = tok.convert_ids_to_tokens(ids)
+    # 100x60 within 56x112 pixels: 112x56 is 2 rows of 4 merged 28-pixel patches.
+    grid = ["[IMG]"] * 4 + ["[IMG_BREAK]"] + ["[IMG]"] * 4 + ["[IMG_END]"]
+    start = tokens.index("[IMG]")
+    assert tokens[:2] == ["<s>", "[SYSTEM_PROMPT]"] and tokens[start:start + 10] == grid
+    assert tokens[start + 10] == "[/INST]" and encoded["media"][0]["grid"] == (2, 4)
+    trained = [tokens[i] for i, label in enumerate(labels) if label != -100]
+    assert tok.convert_tokens_to_string(trained) == "Red page</s>Red</s>"
+    assert [labels[i] for i, label in enumerate(labels) if label != -100] == [ids[i] for i, label in enumerate(labels)
+                                                                               if label != -100]
+    assert m3_encoder.count(record) == (len(ids), 10, len(trained))
+
+
+def test_mistral3_batches_pad_images_and_answer_as_one_at_a_time(m3_encoder, mistral3):
+    from transformers import AutoModelForImageTextToText
+
+    from slurmtune.evaluate.generate import predict_vision
+
+    model = AutoModelForImageTextToText.from_pretrained(mistral3["model"]).eval()
+    records = [question(mistral3, "image", "a"), question({"wide": mistral3["wide"]}, "wide", "b"),
+               {"messages": [{"role": "user", "content": "A text-only question, longer than the others are."}]}]
+    records[1]["messages"][0]["content"][1] = {"type": "image", "image": str(mistral3["wide"])}
+    batch = m3_encoder.collate([m3_encoder.prompt(r["messages"]) for r in records[:2]], left=True)
+    assert tuple(batch["pixel_values"].shape) == (2, 3, 56, 140)  # padded to the tallest and the widest
+    assert batch["image_sizes"].tolist() == [[56, 112], [28, 140]]
+    alone = [predict_vision(model, m3_encoder, [r], 1, 6)[0] for r in records]
+    assert predict_vision(model, m3_encoder, records, 3, 6) == alone
+    assert len(set(alone)) == 3 and all(alone)
+
+
+def test_a_video_for_mistral3_is_refused_on_the_login_node(cli, mistral3, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "Score the talk."},
+                                                       {"type": "video", "video": str(mistral3["video"])}]},
+                          {"role": "assistant", "content": "4"}]}]
+    r = cli("run", manifest(tmp_path, mistral3, rows), "--executor", "debug")
+    assert r.code == 1
+    assert f"{tmp_path / 'train.jsonl'}:1: video parts: Pixtral models take images only" in r.err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_mistral_document_manifest_runs_end_to_end_on_a_tiny_model(cli, mistral3, tmp_path):
+    """manifests/docvqa-mistral-small.yaml as shipped, on a tiny Mistral3: trained on the language
+    model only, its tower and projector too with lora.vision, answered, reported, merged."""
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    r = cli("run", REPO / "manifests" / "docvqa-mistral-small.yaml", f"model.path={mistral3['model']}",
+            f"output_dir={tmp_path / 'runs'}", "train.method=lora", "train.max_steps=2", "train.grad_accum=1",
+            "lora.vision=[tower, projector]", "slurm.gpus=0", "slurm.cluster=", "eval.max_new_tokens=4",
+            "--executor", "debug")
+    assert r.code == 0, r.err
+    run = next((tmp_path / "runs").iterdir())
+    assert [p["expected"] for p in read_jsonl(run / "predictions.jsonl")] == \
+        [row["expected"] for row in read_jsonl(REPO / "examples" / "docvqa" / "test.jsonl")]
+    with safe_open(str(run / "final" / "adapter_model.safetensors"), "pt") as f:
+        keys = sorted(f.keys())
+    parts = {re.search(r"^base_model\.model\.model\.(\w+)\.", k).group(1) for k in keys}
+    assert parts == {"language_model", "vision_tower", "multi_modal_projector"}
+    assert sum(".language_model.layers." in k for k in keys) == 2 * 7 * 2  # layers x projections x (A, B)
+    assert sum(".vision_tower.transformer.layers." in k for k in keys) == 2 * 7 * 2
+    assert sum(".multi_modal_projector." in k for k in keys) == 3 * 2  # linear_1, linear_2, merging_layer
+    final = {p.name for p in (run / "final").iterdir()}
+    assert {"preprocessor_config.json", "processor_config.json", "chat_template.json"} <= final
+    assert cli("merge", run / "final", "--out", tmp_path / "merged").code == 0
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")  # no peft
+    assert type(merged).__name__ == "Mistral3ForConditionalGeneration"

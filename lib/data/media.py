@@ -178,14 +178,14 @@ def decode_video(path: str | Path, fps: float, max_frames: int, max_pixels: int,
     return Clip(np.stack(frames), stamps, rate)
 
 
-def load_image(path: str | Path, max_pixels: int, factor: int = FACTOR):
-    """The image as RGB, sized within ``max_pixels`` (a PIL image)."""
+def load_image(path: str | Path, max_pixels: int, factor: int = FACTOR, min_pixels: int | None = None):
+    """The image as RGB, sized within [``min_pixels`` (default factor²), ``max_pixels``] (a PIL image)."""
     from PIL import Image
 
     info = probe(path, IMAGE)
     with Image.open(path) as image:
         rgb = image.convert("RGB")
-    size = fit_pixels(info.width, info.height, max_pixels, factor)
+    size = fit_pixels(info.width, info.height, max_pixels, factor, min_pixels or factor * factor)
     return rgb if rgb.size == size else rgb.resize(size, Image.Resampling.BICUBIC)
 
 

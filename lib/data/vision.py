@@ -10,10 +10,13 @@ training, evaluation and serving.
         batch = encoder.collate([row, ...])             # padded tensors for model(**batch)
         encoder.count(record)                           # tokens the row will take, from the files' sizes alone
 
-The chat template renders each image or video part as its placeholder (Qwen2.5-VL:
-``<|vision_start|><|image_pad|><|vision_end|>``); the assistant's tokens are found from the
-template's own renderings (slurmtune.data.templates.assistant_mask), then each placeholder is
-expanded to one token per merged patch of its media. Labels are the token ids on each assistant
+Two families: Qwen2-VL / Qwen2.5-VL (images and video, ``QwenVLEncoder``) and Mistral3 such as
+Mistral-Small-3.1 (images, a Pixtral tower, ``PixtralEncoder``). The chat template renders each
+image or video part as its placeholder (Qwen2.5-VL: ``<|vision_start|><|image_pad|><|vision_end|>``,
+Mistral3: ``[IMG]``); the assistant's tokens are found from the template's own renderings
+(slurmtune.data.templates.assistant_mask), then each placeholder is expanded to its media's tokens
+(Qwen: one per merged patch; Mistral3: one ``[IMG]`` per merged patch, each row of them closed by
+``[IMG_BREAK]``, the last by ``[IMG_END]``). Labels are the token ids on each assistant
 turn's content and end-of-turn token and -100 everywhere else: prompts, placeholders and
 padding never carry loss. A row longer than ``max_length`` is an error with its numbers, never
 cut: a cut through an image's tokens leaves the model fewer placeholders than image features.
@@ -40,9 +43,10 @@ from slurmtune.data.records import PART_TYPES
 from slurmtune.errors import DataError, UsageError
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-# Beside a vision model's weights: its image processor and its media chat template (an adapter
-# and a merged model carry them too).
-PROCESSOR_FILES = ("preprocessor_config.json", "chat_template.json")
+PIXTRAL_FAMILIES = ("mistral3",)
+# Beside a vision model's weights: its image processor, processor and media chat template (an
+# adapter and a merged model carry them too).
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json")
 IGNORE = -100
 
 
@@ -66,13 +70,15 @@ class VisionSettings:
     max_pixels: int = 448 * 448
 
 
-def load_encoder(model_dir: str | Path, settings: VisionSettings, cache_dir: str | Path | None) -> "QwenVLEncoder":
+def load_encoder(model_dir: str | Path, settings: VisionSettings, cache_dir: str | Path | None) -> "VisionEncoder":
     """The encoder of the model's family; ``cache_dir`` holds decoded frames (None: count only)."""
     kind = model_type(model_dir)
     if kind in QWEN_FAMILIES:
         return QwenVLEncoder(model_dir, settings, cache_dir)
+    if kind in PIXTRAL_FAMILIES:
+        return PixtralEncoder(model_dir, settings, cache_dir)
     raise UsageError(f"{model_dir}: vision-language model type {kind!r} has no recipe yet; "
-                     f"expected one of {', '.join(QWEN_FAMILIES)}")
+                     f"expected one of {', '.join(QWEN_FAMILIES + PIXTRAL_FAMILIES)}")
 
 
 def template_messages(messages: list[dict]) -> list[dict]:
@@ -123,16 +129,17 @@ class RowTooLong(DataError):
     pass
 
 
-class QwenVLEncoder:
-    """Qwen2-VL / Qwen2.5-VL rows: 14-pixel patches merged 2x2, 2 frames per temporal patch."""
+class VisionEncoder:
+    """What every family shares: its template and tokenizer, labels on the answer only, each media
+    placeholder expanded to the tokens of its media, rows refused rather than cut, batches padded.
+    A family says how its placeholders expand (``expanded``), how many tokens a file takes
+    (``media_tokens``), its pixels (``_image``, ``_video``) and how they batch (``batch_media``)."""
 
-    # The vision side's linear layers, as regexes over module names (lora.vision).
-    VISION_MODULES = {"tower": r"visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate_proj|up_proj|down_proj))",
-                      "projector": r"visual\.merger\.mlp\.(0|2)"}  # mlp.1 is the GELU between them
+    PLACEHOLDERS: dict[str, str] = {}  # media kind -> the token its template renders for one part
+    VISION_MODULES: dict[str, str] = {}  # lora.vision -> regex over the vision side's linear layers
 
     def __init__(self, model_dir: str | Path, settings: VisionSettings, cache_dir: str | Path | None):
         from transformers import AutoTokenizer
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         model_dir = Path(model_dir)
         self.settings = settings
@@ -140,12 +147,8 @@ class QwenVLEncoder:
         template_file = model_dir / "chat_template.json"
         if template_file.is_file():  # the processor's template (media placeholders) over the tokenizer's
             self.tokenizer.chat_template = json.loads(template_file.read_text(encoding="utf-8"))["chat_template"]
-        self.images = Qwen2VLImageProcessorPil.from_pretrained(model_dir, local_files_only=True)
-        self.patch, self.merge = self.images.patch_size, self.images.merge_size
-        self.temporal = self.images.temporal_patch_size
-        self.factor = self.patch * self.merge
-        self.pad_ids = {kind: self.tokenizer.convert_tokens_to_ids(token)
-                        for kind, token in (("image", "<|image_pad|>"), ("video", "<|video_pad|>"))}
+        self.placeholder_ids = {self.tokenizer.convert_tokens_to_ids(token): kind
+                                for kind, token in self.PLACEHOLDERS.items()}
         self.cache = FrameCache(cache_dir) if cache_dir is not None else None
 
     # --- tokens --------------------------------------------------------------------------
@@ -156,6 +159,7 @@ class QwenVLEncoder:
         from slurmtune.data.templates import assistant_mask
 
         messages = template_messages(record["messages"])
+        self._refuse_unsupported(messages, where)
         turn = assistant_mask(self.tokenizer, messages)
         mask = [bool(m) or not assistant_only for m in turn.mask]
         ids, labels, media = self._expand(turn.ids, mask, messages, where)
@@ -166,20 +170,21 @@ class QwenVLEncoder:
     def prompt(self, messages: list[dict], where: str = "row") -> dict:
         """The inputs a model answers from: ``messages`` and the assistant's opening (for generation)."""
         messages = template_messages(messages)
+        self._refuse_unsupported(messages, where)
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         ids, _, media = self._expand(ids, [False] * len(ids), messages, where)
         return {"input_ids": ids, "labels": [IGNORE] * len(ids), "media": media}
 
     def _expand(self, ids: list[int], mask: list[bool], messages: list[dict], where: str):
-        """Each media placeholder expanded to one token per merged patch (never trained)."""
+        """Each media placeholder expanded to its media's tokens (never trained)."""
         media = [self._image(path) if kind == "image" else self._video(path) for kind, path in media_parts(messages)]
         out, labels, used = [], [], 0
         for token, trained in zip(ids, mask):
-            if token in (self.pad_ids["image"], self.pad_ids["video"]) and used < len(media):
-                count = media[used]["tokens"]
-                out += [token] * count
-                labels += [IGNORE] * count
+            if token in self.placeholder_ids and used < len(media):
+                expanded = self.expanded(token, media[used])
+                out += expanded
+                labels += [IGNORE] * len(expanded)
                 used += 1
                 continue
             out.append(token)
@@ -189,16 +194,16 @@ class QwenVLEncoder:
                                          f"{len(media)} image/video parts")
         return out, labels, media
 
-    def count(self, record: dict) -> tuple[int, int, int]:
+    def count(self, record: dict, where: str = "row") -> tuple[int, int, int]:
         """(all tokens, media tokens, trained tokens) of a row, from the media files' sizes and
         lengths alone (nothing decoded: the login node counts every row in seconds)."""
         from slurmtune.data.templates import assistant_mask
 
         messages = template_messages(record["messages"])
+        self._refuse_unsupported(messages, where)
         turn = assistant_mask(self.tokenizer, messages)
         parts = media_parts(messages)
-        tokens = sum(self._grid_tokens(*self._image_grid(path)) if kind == "image" else
-                     self._grid_tokens(*self._video_grid(path)) for kind, path in parts)
+        tokens = sum(self.media_tokens(kind, path) for kind, path in parts)
         return len(turn.ids) - len(parts) + tokens, tokens, sum(turn.mask)
 
     def too_long(self, total: int, media: int, max_length: int) -> str:
@@ -210,6 +215,58 @@ class QwenVLEncoder:
                 f"would lose its answer or split an image's tokens; fix: train.max_length={total}, or fewer "
                 f"tokens per frame/image (vision.max_pixels, now {s.max_pixels}) or frames (vision.max_frames, "
                 f"now {s.max_frames})")
+
+    def _refuse_unsupported(self, messages: list[dict], where: str) -> None:
+        kinds = {kind for kind, _ in media_parts(messages)} - set(self.PLACEHOLDERS)
+        if kinds:
+            raise DataError(where, None, f"{' and '.join(sorted(kinds))} parts: {type(self).__name__.removesuffix('Encoder')} "
+                                         f"models take {' and '.join(sorted(self.PLACEHOLDERS))}s only")
+
+    # --- batches ---------------------------------------------------------------------------
+    def collate(self, rows: list[dict], left: bool = False) -> dict:
+        """Rows padded into one batch (on the right; ``left`` for generation, where answers grow at
+        the right edge); the media of all rows batched in order."""
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+        def padded(values: list, fill) -> list:
+            extra = [fill] * (width - len(values))
+            return extra + values if left else values + extra
+
+        batch = {"input_ids": torch.tensor([padded(r["input_ids"], pad) for r in rows]),
+                 "attention_mask": torch.tensor([padded([1] * len(r["input_ids"]), 0) for r in rows])}
+        if not left:
+            batch["labels"] = torch.tensor([padded(r["labels"], IGNORE) for r in rows])
+        media = [m for r in rows for m in r["media"]]
+        batch.update(self.batch_media([m for m in media if m["kind"] == "image"],
+                                      [m for m in media if m["kind"] == "video"]))
+        return batch
+
+
+class QwenVLEncoder(VisionEncoder):
+    """Qwen2-VL / Qwen2.5-VL rows: 14-pixel patches merged 2x2, 2 frames per temporal patch; one
+    ``<|image_pad|>`` / ``<|video_pad|>`` per merged patch."""
+
+    PLACEHOLDERS = {"image": "<|image_pad|>", "video": "<|video_pad|>"}
+    VISION_MODULES = {"tower": r"visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate_proj|up_proj|down_proj))",
+                      "projector": r"visual\.merger\.mlp\.(0|2)"}  # mlp.1 is the GELU between them
+
+    def __init__(self, model_dir: str | Path, settings: VisionSettings, cache_dir: str | Path | None):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        super().__init__(model_dir, settings, cache_dir)
+        self.images = Qwen2VLImageProcessorPil.from_pretrained(model_dir, local_files_only=True)
+        self.patch, self.merge = self.images.patch_size, self.images.merge_size
+        self.temporal = self.images.temporal_patch_size
+        self.factor = self.patch * self.merge
+
+    def expanded(self, placeholder: int, media: dict) -> list[int]:
+        return [placeholder] * media["tokens"]
+
+    def media_tokens(self, kind: str, path: str) -> int:
+        return self._grid_tokens(*(self._image_grid(path) if kind == "image" else self._video_grid(path)))
 
     def _grid_tokens(self, t: int, h: int, w: int) -> int:
         return t * h * w // (self.merge * self.merge)
@@ -259,26 +316,11 @@ class QwenVLEncoder:
         x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, gh/m, gw/m, m, m, C, tp, p, p)
         return np.ascontiguousarray(x.reshape(gt * gh * gw, c * tp * p * p)), (gt, gh, gw)
 
-    # --- batches ---------------------------------------------------------------------------
-    def collate(self, rows: list[dict], left: bool = False) -> dict:
-        """Rows padded into one batch (on the right; ``left`` for generation, where answers grow at
-        the right edge); the media of all rows concatenated in order."""
+    def batch_media(self, images: list[dict], videos: list[dict]) -> dict:
+        """The patches of all images, then of all videos, concatenated, with their grids."""
         import torch
 
-        width = max(len(r["input_ids"]) for r in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-
-        def padded(values: list, fill) -> list:
-            extra = [fill] * (width - len(values))
-            return extra + values if left else values + extra
-
-        batch = {"input_ids": torch.tensor([padded(r["input_ids"], pad) for r in rows]),
-                 "attention_mask": torch.tensor([padded([1] * len(r["input_ids"]), 0) for r in rows])}
-        if not left:
-            batch["labels"] = torch.tensor([padded(r["labels"], IGNORE) for r in rows])
-        media = [m for r in rows for m in r["media"]]
-        images = [m for m in media if m["kind"] == "image"]
-        videos = [m for m in media if m["kind"] == "video"]
+        batch = {}
         if images:
             batch["pixel_values"] = torch.from_numpy(np.concatenate([m["pixels"] for m in images]))
             batch["image_grid_thw"] = torch.tensor([m["grid"] for m in images])
@@ -287,3 +329,72 @@ class QwenVLEncoder:
             batch["video_grid_thw"] = torch.tensor([m["grid"] for m in videos])
             batch["second_per_grid_ts"] = torch.tensor([m["second_per_grid"] for m in videos])
         return batch
+
+
+class PixtralEncoder(VisionEncoder):
+    """Mistral3 (Mistral-Small-3.1) rows: a Pixtral tower of ``patch``-pixel patches, merged
+    ``merge`` x ``merge`` by the projector. The template renders one ``[IMG]`` per image; it expands
+    to one ``[IMG]`` per merged patch, row by row, each row closed by ``[IMG_BREAK]`` and the last by
+    ``[IMG_END]`` (only the ``[IMG]`` positions take image features). Images only: the family has
+    no video input."""
+
+    PLACEHOLDERS = {"image": "[IMG]"}
+    VISION_MODULES = {
+        "tower": r"vision_tower\.transformer\.layers\.\d+\.(attention\.(q_proj|k_proj|v_proj|o_proj)"
+                 r"|feed_forward\.(gate_proj|up_proj|down_proj))",
+        "projector": r"multi_modal_projector\.(linear_1|linear_2|patch_merger\.merging_layer)"}
+
+    def __init__(self, model_dir: str | Path, settings: VisionSettings, cache_dir: str | Path | None):
+        from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+        super().__init__(model_dir, settings, cache_dir)
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        self.patch, self.merge = config["vision_config"]["patch_size"], config.get("spatial_merge_size", 2)
+        self.factor = self.patch * self.merge
+        self.images = PixtralImageProcessorPil.from_pretrained(model_dir, local_files_only=True)
+        self.break_id, self.end_id = (self.tokenizer.convert_tokens_to_ids(t) for t in ("[IMG_BREAK]", "[IMG_END]"))
+
+    def expanded(self, placeholder: int, media: dict) -> list[int]:
+        rows, cols = media["grid"]
+        ids = ([placeholder] * cols + [self.break_id]) * rows
+        ids[-1] = self.end_id
+        return ids
+
+    def media_tokens(self, kind: str, path: str) -> int:
+        rows, cols = self._grid(path)
+        return rows * (cols + 1)
+
+    def _grid(self, path: str) -> tuple[int, int]:
+        info = probe(path, "image")
+        width, height = fit_pixels(info.width, info.height, self.settings.max_pixels, self.factor, self.min_pixels)
+        return height // self.factor, width // self.factor
+
+    @property
+    def min_pixels(self) -> int:
+        # At least 2x2 merged patches: Mistral3 in transformers 5.23 squeezes a one-feature image's
+        # features into a vector and fails to split them.
+        return 4 * self.factor * self.factor
+
+    def _image(self, path: str) -> dict:
+        # Sized here, to multiples of factor, so the processor only rescales and normalizes.
+        image = load_image(path, self.settings.max_pixels, self.factor, self.min_pixels)
+        out = self.images(images=[image], do_resize=False, return_tensors="np")
+        rows, cols = image.height // self.factor, image.width // self.factor
+        return {"kind": "image", "pixels": out["pixel_values"][0], "size": (image.height, image.width),
+                "grid": (rows, cols), "tokens": rows * (cols + 1)}
+
+    def _video(self, path: str) -> dict:
+        raise DataError(path, None, "a video part: Mistral3 models take images only")
+
+    def batch_media(self, images: list[dict], videos: list[dict]) -> dict:
+        """The images zero-padded to the batch's largest height and width, with their real sizes
+        (the tower patches each within its own size)."""
+        import torch
+
+        if not images:
+            return {}
+        height, width = max(m["size"][0] for m in images), max(m["size"][1] for m in images)
+        pixels = np.zeros((len(images), 3, height, width), dtype=np.float32)
+        for i, m in enumerate(images):
+            pixels[i, :, :m["size"][0], :m["size"][1]] = m["pixels"]
+        return {"pixel_values": torch.from_numpy(pixels), "image_sizes": torch.tensor([m["size"] for m in images])}

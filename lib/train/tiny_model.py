@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -366,3 +367,105 @@ def make_tiny_vlm(out_dir: str | Path, source: str | Path, seed: int = 0) -> Pat
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+# --- a tiny Mistral3 (Mistral-Small-3.1-shaped) -------------------------------------------
+
+# Mistral-Small-3.1's media and system tokens take the ids its tokenizer gives them; the
+# Mistral-7B-v0.3 tokenizer has unused control tokens at those ids, renamed here.
+MISTRAL3_TOKENS = {10: "[IMG]", 12: "[IMG_BREAK]", 13: "[IMG_END]", 17: "[SYSTEM_PROMPT]", 18: "[/SYSTEM_PROMPT]"}
+
+# In the manner of Mistral-Small-3.1's template: a system turn in [SYSTEM_PROMPT]...[/SYSTEM_PROMPT],
+# user turns in [INST]...[/INST] with one [IMG] per image part where it stands, an answer ended by
+# </s>. Written for the tiny model; no default system message.
+MISTRAL3_TEMPLATE = """\
+{{- bos_token }}
+{%- for message in messages %}
+  {%- if message['content'] is string %}
+    {%- set parts = [{'type': 'text', 'text': message['content']}] %}
+  {%- else %}
+    {%- set parts = message['content'] %}
+  {%- endif %}
+  {%- if message['role'] == 'system' %}
+    {{- '[SYSTEM_PROMPT]' }}{% for part in parts %}{{ part['text'] }}{% endfor %}{{ '[/SYSTEM_PROMPT]' }}
+  {%- elif message['role'] == 'user' %}
+    {{- '[INST]' }}
+    {%- for part in parts %}
+      {%- if part['type'] == 'text' %}{{ part['text'] }}
+      {%- elif part['type'] == 'image' %}{{ '[IMG]' }}
+      {%- else %}{{ raise_exception('Mistral3 takes text and image parts only, not ' + part['type']) }}
+      {%- endif %}
+    {%- endfor %}
+    {{- '[/INST]' }}
+  {%- elif message['role'] == 'assistant' %}
+    {%- generation %}{% for part in parts %}{{ part['text'] }}{% endfor %}{{ eos_token }}{% endgeneration %}
+  {%- else %}
+    {{- raise_exception('Only system, user and assistant turns are supported') }}
+  {%- endif %}
+{%- endfor %}"""
+
+# Pixtral's image processing as Mistral-Small-3.1 ships it (CLIP's mean and std, 14-pixel patches).
+PIXTRAL_PREPROCESSOR = {
+    "image_processor_type": "PixtralImageProcessor", "patch_size": 14, "size": {"longest_edge": 1540},
+    "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3}
+
+
+def make_tiny_mistral3(out_dir: str | Path, source: str | Path, seed: int = 0) -> Path:
+    """A random 2-layer Mistral3 with a 2-layer Pixtral tower (14-pixel patches merged 2x2, as
+    Mistral-Small-3.1), with ``source``'s tokenizer (a Mistral-7B-v0.3 folder, e.g.
+    ../shared/models/mistral-7b-instruct-v0.3) given Mistral-Small-3.1's media and system tokens,
+    a template in its manner and a Pixtral image processor config::
+
+        path = make_tiny_mistral3(tmp_path / "tiny-m3", "../shared/models/mistral-7b-instruct-v0.3")
+        AutoModelForImageTextToText.from_pretrained(path)    # Mistral3ForConditionalGeneration
+    """
+    from transformers import AutoModelForImageTextToText, Mistral3Config
+
+    source, out_dir = Path(source), Path(out_dir)
+    real = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    if real.get("model_type") != "mistral":
+        raise UsageError(f"{source}: model_type {real.get('model_type')!r}; expected a Mistral folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _renamed_tokenizer(source, out_dir, MISTRAL3_TOKENS)
+    (out_dir / "chat_template.json").write_text(json.dumps({"chat_template": MISTRAL3_TEMPLATE}), encoding="utf-8")
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(PIXTRAL_PREPROCESSOR, indent=2), encoding="utf-8")
+    (out_dir / "processor_config.json").write_text(json.dumps({
+        "processor_class": "PixtralProcessor", "patch_size": 14, "spatial_merge_size": 2, "image_token": "[IMG]",
+        "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}, indent=2), encoding="utf-8")
+    config = Mistral3Config(
+        text_config={"model_type": "mistral", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                     "vocab_size": real["vocab_size"], "max_position_embeddings": 4096,
+                     "rope_theta": real["rope_theta"], "rms_norm_eps": real["rms_norm_eps"],
+                     "bos_token_id": real["bos_token_id"], "eos_token_id": real["eos_token_id"]},
+        vision_config={"model_type": "pixtral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "patch_size": 14, "image_size": 1540},
+        image_token_index=10, spatial_merge_size=2, tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def _renamed_tokenizer(source: Path, out_dir: Path, names: dict[int, str]) -> None:
+    """``source``'s fast tokenizer with the special tokens at ``names``' ids renamed (and no chat
+    template of its own: the model folder's chat_template.json is its template)."""
+    tokenizer = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
+    old = {t["id"]: t["content"] for t in tokenizer["added_tokens"] if t["id"] in names}
+    for token in tokenizer["added_tokens"]:
+        token["content"] = names.get(token["id"], token["content"])
+    vocab = tokenizer["model"]["vocab"]
+    for token_id, name in old.items():
+        vocab[names[token_id]] = vocab.pop(name)
+    (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
+    config = json.loads((source / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.pop("chat_template", None)
+    for token_id, entry in (config.get("added_tokens_decoder") or {}).items():
+        entry["content"] = names.get(int(token_id), entry["content"])
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    for name in ("special_tokens_map.json", "generation_config.json"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out_dir / name)
