@@ -2,8 +2,9 @@
 checks, checkpoints complete across ranks, and real 2-task jobs on the test cluster.
 
 On the cluster (CPU, gloo, ``distributed: {gpus_per_node: 2, device: cpu}`` = 2 processes, no GPU
-request) five trainings run at once: ZeRO-2, ZeRO-3, ZeRO-3 interrupted by USR2, and two
-with an injected fault on rank 1 (a hang, a crash); a sixth runs on 2 real nodes when
+request) six trainings run at once: ZeRO-2, ZeRO-3, ZeRO-3 interrupted by USR2, ZeRO-3 on a tiny
+vision-language model with image, video and text-only rows mixed, and two with an injected fault
+on rank 1 (a hang, a crash); a seventh runs on 2 real nodes when
 tests/two_node_cluster.sh can build its namespaced 2-node cluster here. Tolerance against the
 single-process run (batch 2 x accumulation 2 = 2 processes x batch 2): every adapter tensor within
 ADAPTER_ATOL = 1e-5 (measured after 16 steps: 6.9e-7 for ZeRO-2, 6.8e-7 for ZeRO-3, weights up to
@@ -302,6 +303,8 @@ def jobs(slurm_cluster, tmp_path_factory):
             for k, v in old.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         runs[name] = Run.open(None, root / "runs" / name)
+    assert main(["submit", "train", str(vision_manifest(root)), "--cluster", "local-test"]) == 0
+    runs["zero3-vision"] = Run.open(None, root / "runs" / "zero3-vision")
     runs["two-node"] = submit_two_node(root, main)
     sent: list = []
     watcher = threading.Thread(target=interrupt_when_training, args=(runs["zero3-usr2"], slurm_cluster, sent),
@@ -310,6 +313,34 @@ def jobs(slurm_cluster, tmp_path_factory):
     yield root, runs, (watcher, sent)
     if not isinstance(runs["two-node"], str):
         subprocess.run(["bash", str(TWO_NODE_SCRIPT), "stop"], capture_output=True, timeout=60)
+
+
+def vision_manifest(root: Path) -> Path:
+    """ZeRO-3 over 2 processes on a tiny Qwen2.5-VL, rows of images, of video and of text only
+    shuffled together: the ranks' batches differ in what media they hold at every step."""
+    from PIL import Image
+
+    from conftest import REPO
+    from test_media import write_video
+    from slurmtune.train.tiny_model import make_tiny_vlm
+    from train_helpers import write_jsonl
+
+    model = make_tiny_vlm(root / "tiny-vl", REPO.parent / "shared" / "models" / "qwen2.5-vl-instruct")
+    Image.new("RGB", (100, 60), (200, 10, 10)).save(root / "page.png")
+    video = write_video(root / "talk.mp4", seconds=2, fps=4)
+
+    def row(i: int) -> dict:
+        media = [[], [{"type": "image", "image": str(root / "page.png")}], [{"type": "video", "video": str(video)}]][i % 3]
+        return {"messages": [{"role": "user", "content": [{"type": "text", "text": f"Question {i}?"}, *media]},
+                             {"role": "assistant", "content": f"Answer {i}."}]}
+
+    write_jsonl(root / "vision.jsonl", [row(i) for i in range(12)])
+    path = manifest(root, "zero3-vision", 3)
+    text = path.read_text().replace(str(root / "train.jsonl"), str(root / "vision.jsonl"))
+    text = text.replace(f"path: {root / 'tiny'}", f"path: {model}").replace("max_steps: 16", "max_steps: 4")
+    path.write_text(text.replace("max_length: 128", "max_length: 256")
+                    + "vision: {fps: 2.0, max_frames: 4, max_pixels: 3136}\n")
+    return path
 
 
 TWO_NODE_SCRIPT = Path(__file__).with_name("two_node_cluster.sh")
@@ -418,6 +449,26 @@ def test_two_tasks_train_the_single_process_adapter(name, jobs, single_process, 
         {"rank-0.json": ("done", MAX_STEPS), "rank-1.json": ("done", MAX_STEPS)}
     status = json.loads(cli("status", run.dir, "--json").out)["steps"][0]
     assert status["state"] == "COMPLETED"
+
+
+@pytest.mark.slurm
+def test_mixed_media_batches_under_zero3_finish_and_match_one_process(jobs, slurm_cluster, tmp_path):
+    """Without a phantom image and video in each batch that lacks them, the rank whose batch has no
+    image would skip the vision tower while the other waits for its weights: the job would hang."""
+    from slurmtune.config import load_manifest
+    from slurmtune.train.recipe import run_training
+
+    run = jobs[1]["zero3-vision"]
+    assert wait_done(run, slurm_cluster) == "COMPLETED"
+    cfg = load_manifest(jobs[0] / "zero3-vision.yaml", ["distributed.gpus_per_node=1", "train.grad_accum=2",
+                                                        "distributed.deepspeed=null"])
+    single = run_training(cfg, tmp_path / "single", list(cfg.data.train_files), None)
+    assert single.status == "completed"
+    assert max_abs_diff(adapter(run.dir / "final"), adapter(single.final_dir)) < ADAPTER_ATOL
+    assert {re.match(r"base_model\.model\.model\.(\w+)\.", k).group(1) for k in adapter(run.dir / "final")} == \
+        {"language_model"}
+    log = (run.dir / "training.log").read_text()
+    assert losses(run) and " step 4/4" in log
 
 
 @pytest.mark.slurm

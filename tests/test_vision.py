@@ -435,3 +435,29 @@ def test_the_mistral_document_manifest_runs_end_to_end_on_a_tiny_model(cli, mist
     assert cli("merge", run / "final", "--out", tmp_path / "merged").code == 0
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")  # no peft
     assert type(merged).__name__ == "Mistral3ForConditionalGeneration"
+
+
+@pytest.mark.parametrize("family", ["qwen", "mistral3"])
+def test_a_phantom_row_makes_a_text_batch_run_the_tower_and_changes_no_loss(family, media, mistral3, tmp_path):
+    """What ZeRO-3 runs need (tests/test_deepspeed.py runs them): each batch holds every media kind
+    of the run, a phantom row standing in for those it lacks, trained on nowhere."""
+    from transformers import AutoModelForImageTextToText
+
+    model_dir = media["model"] if family == "qwen" else mistral3["model"]
+    encoder = load_encoder(model_dir, SETTINGS, tmp_path / "frames")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    text = encoder.encode({"messages": [{"role": "user", "content": "A text-only question."},
+                                        {"role": "assistant", "content": "A text answer."}]})
+    kinds = ("image", "video") if family == "qwen" else ("image",)
+    plain, padded = encoder.collate([text, text]), encoder.collate([text, text], every_kind=kinds)
+    assert "pixel_values" not in plain and len(padded["input_ids"]) == 2 + len(kinds)
+    assert (padded["labels"][2:] == -100).all()
+    grids = {"qwen": ("image_grid_thw", "video_grid_thw"), "mistral3": ("image_sizes",)}[family]
+    assert all(len(padded[g]) == 1 for g in grids)  # one phantom of each kind
+    seen = []
+    hook = (model.model.visual if family == "qwen" else model.model.vision_tower).register_forward_hook(
+        lambda *args: seen.append(1))
+    with torch.no_grad():
+        assert model(**padded).loss.item() == model(**plain).loss.item()
+    hook.remove()
+    assert len(seen) == len(kinds)  # the tower ran once per kind; without the phantoms, never

@@ -222,11 +222,25 @@ class VisionEncoder:
             raise DataError(where, None, f"{' and '.join(sorted(kinds))} parts: {type(self).__name__.removesuffix('Encoder')} "
                                          f"models take {' and '.join(sorted(self.PLACEHOLDERS))}s only")
 
+    def phantom_row(self, kind: str) -> dict:
+        """A row of one smallest ``kind`` of media and nothing else, trained on nowhere (labels all
+        -100): added to a batch without that kind of media, it makes the vision tower run on it."""
+        media = self.phantom_media(kind)
+        placeholder = next(token for token, k in self.placeholder_ids.items() if k == kind)
+        ids = self.expanded(placeholder, media)
+        return {"input_ids": ids, "labels": [IGNORE] * len(ids), "media": [media]}
+
     # --- batches ---------------------------------------------------------------------------
-    def collate(self, rows: list[dict], left: bool = False) -> dict:
+    def collate(self, rows: list[dict], left: bool = False, every_kind: tuple[str, ...] = ()) -> dict:
         """Rows padded into one batch (on the right; ``left`` for generation, where answers grow at
-        the right edge); the media of all rows batched in order."""
+        the right edge); the media of all rows batched in order. ``every_kind``: a phantom row is
+        added for each of these media kinds the rows lack, so that every batch runs the vision
+        tower the same way (DeepSpeed ZeRO-3 gathers the tower's weights from every rank: a rank
+        whose batch skips it leaves the others waiting for ever)."""
         import torch
+
+        present = {m["kind"] for r in rows for m in r["media"]}
+        rows = rows + [self.phantom_row(kind) for kind in every_kind if kind not in present]
 
         width = max(len(r["input_ids"]) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -285,12 +299,25 @@ class QwenVLEncoder(VisionEncoder):
 
     # --- pixels ----------------------------------------------------------------------------
     def _image(self, path: str) -> dict:
-        image = load_image(path, self.settings.max_pixels, self.factor)
+        return self._picture(load_image(path, self.settings.max_pixels, self.factor))
+
+    def _picture(self, image) -> dict:
         # Qwen's image processor reads its pixel budget as size: shortest_edge = min, longest_edge = max pixels.
         out = self.images(images=[image], size={"shortest_edge": self.factor ** 2,
                                                 "longest_edge": self.settings.max_pixels}, return_tensors="np")
         grid = tuple(int(x) for x in out["image_grid_thw"][0])
         return {"kind": "image", "pixels": out["pixel_values"], "grid": grid, "tokens": self._grid_tokens(*grid)}
+
+    def phantom_media(self, kind: str) -> dict:
+        """The smallest image or video (one merged patch, grey) for a row no one trains on."""
+        from PIL import Image
+
+        if kind == "image":
+            return self._picture(Image.new("RGB", (self.factor, self.factor), (128, 128, 128)))
+        frames = np.full((self.temporal, self.factor, self.factor, 3), 128, dtype=np.uint8)
+        pixels, grid = self.video_patches(frames)
+        return {"kind": "video", "pixels": pixels, "grid": grid, "tokens": self._grid_tokens(*grid),
+                "second_per_grid": 1.0}
 
     def _video(self, path: str) -> dict:
         s = self.settings
@@ -377,7 +404,16 @@ class PixtralEncoder(VisionEncoder):
 
     def _image(self, path: str) -> dict:
         # Sized here, to multiples of factor, so the processor only rescales and normalizes.
-        image = load_image(path, self.settings.max_pixels, self.factor, self.min_pixels)
+        return self._picture(load_image(path, self.settings.max_pixels, self.factor, self.min_pixels))
+
+    def phantom_media(self, kind: str) -> dict:
+        """The smallest image the family takes (2x2 merged patches, grey), for a row no one trains on."""
+        from PIL import Image
+
+        side = 2 * self.factor
+        return self._picture(Image.new("RGB", (side, side), (128, 128, 128)))
+
+    def _picture(self, image) -> dict:
         out = self.images(images=[image], do_resize=False, return_tensors="np")
         rows, cols = image.height // self.factor, image.width // self.factor
         return {"kind": "image", "pixels": out["pixel_values"][0], "size": (image.height, image.width),

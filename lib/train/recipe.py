@@ -262,11 +262,14 @@ class TrainingRecipe:
         encoder = vision_encoder(self.cfg, self.run_dir)
         self.tokenizer = encoder.tokenizer
         assistant_only = self.cfg.train.loss_on == "assistant"
-        self.collator = VisionCollator(encoder, self.cfg.train.max_length, assistant_only)
+        media = [media_paths(with_absolute_media(r, data.row(n))) for n, r in enumerate(data.records, 1)]
+        self.media_files = [path for row in media for _, path in row]
+        # Under ZeRO-3 every rank must run the vision tower alike at every step (see VisionCollator).
+        kinds = sorted({field.rsplit(".", 1)[-1] for row in media for field, _ in row})
+        every_kind = tuple(kinds) if self._layout()[1] == "deepspeed-zero3" else ()
+        self.collator = VisionCollator(encoder, self.cfg.train.max_length, assistant_only, every_kind)
         report = trained_tokens(encoder, TrainRecords(data.kind, data.records[:16], where=data.where[:16]),
                                 self.cfg.train.max_length, assistant_only)
-        self.media_files = [path for n, r in enumerate(data.records, 1)
-                            for _, path in media_paths(with_absolute_media(r, data.row(n)))]
         return vision_dataset(data), "the model's vision chat template", report
 
     def _validation_dataset(self, kind: str):

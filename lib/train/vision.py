@@ -41,15 +41,18 @@ def vision_dataset(data: TrainRecords):
 
 
 class VisionCollator:
-    """Records -> one padded batch of ids, labels and pixels (the model's own inputs)."""
+    """Records -> one padded batch of ids, labels and pixels (the model's own inputs).
+    ``every_kind``: the media kinds each batch must hold (under ZeRO-3 every kind the run's rows
+    have; a batch without one gets a phantom row of it, see the encoder's ``collate``)."""
 
-    def __init__(self, encoder, max_length: int, assistant_only: bool = True):
+    def __init__(self, encoder, max_length: int, assistant_only: bool = True, every_kind: tuple[str, ...] = ()):
         self.encoder, self.max_length, self.assistant_only = encoder, max_length, assistant_only
+        self.every_kind = every_kind
 
     def __call__(self, features: list[dict]) -> dict:
         rows = [self.encoder.encode(json.loads(f["record"]), self.max_length, f["where"], self.assistant_only)
                 for f in features]
-        return self.encoder.collate(rows)
+        return self.encoder.collate(rows, every_kind=self.every_kind)
 
 
 def trained_tokens(encoder, data: TrainRecords, max_length: int, assistant_only: bool = True) -> dict:
