@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
@@ -376,7 +376,7 @@ def vision_preview(cfg: RunConfig, run_dir: Path | None) -> tuple[Preview | None
     from slurmtune.data.dataset import read_train_files
     from slurmtune.data.records import media_paths
     from slurmtune.data.validate import row_media_problem
-    from slurmtune.data.vision import VisionSettings, load_encoder, with_absolute_media
+    from slurmtune.data.vision import VisionSettings, load_encoder, media_parts, with_absolute_media
 
     files, _ = data_files(cfg, run_dir or ".")
     if files and all(Path(f).is_file() for f in files):
@@ -388,6 +388,7 @@ def vision_preview(cfg: RunConfig, run_dir: Path | None) -> tuple[Preview | None
     v = cfg.vision
     encoder = load_encoder(cfg.model.path, VisionSettings(v.fps, v.max_frames, v.max_pixels), cache_dir=None)
     problems, tokens, trained = [], 0, 0
+    counted: list[tuple[int, list]] = []  # each row's text tokens and media, for the estimate
     for n, record in enumerate(data.records, 1):
         record = with_absolute_media(record, data.row(n))
         bad = [f"{data.row(n)}: {field}: {why}" for field, path in media_paths(record)
@@ -401,6 +402,7 @@ def vision_preview(cfg: RunConfig, run_dir: Path | None) -> tuple[Preview | None
             problems.append(str(e))
             continue
         tokens, trained = tokens + total, trained + learned
+        counted.append((total - media, media_parts(record["messages"])))
         if total > cfg.train.max_length:
             problems.append(f"{data.row(n)}: {encoder.too_long(total, media, cfg.train.max_length)}")
     if any("file not found" in p for p in problems) and "media_root" in cfg.data.options:
@@ -410,7 +412,7 @@ def vision_preview(cfg: RunConfig, run_dir: Path | None) -> tuple[Preview | None
         print(f"preflight: {trained}/{tokens} tokens trained ({trained / max(1, tokens):.0%}) in "
               f"{len(data.records)} rows of {source}, images and video counted", file=sys.stderr)
     report = {"rows": len(data.records), "tokens": tokens, "trained_tokens": trained,
-              "trained_share": trained / max(1, tokens)}
+              "trained_share": trained / max(1, tokens), "longest": _longest_rows(encoder, counted, v)}
     return Preview(data.records, source, report), problems
 
 
@@ -441,6 +443,23 @@ def preview_training(cfg: RunConfig, run_dir: Path | None) -> Preview | None:
         data, source = read_train_files(files, limit=PREVIEW_ROWS), files[0]
     tokenizer, template = prepare_tokenizer(cfg, data.kind, tokenizer)
     return Preview(data.records, source, count_trained_tokens(cfg, tokenizer, data, template))
+
+
+def _longest_rows(encoder, counted: list[tuple[int, list]], v) -> dict:
+    """The longest row's tokens (what a batch is padded to, for the memory estimate), and the
+    longest under half or a quarter of the pixels and half the frames, recounted from the files'
+    sizes: ``{"tokens": 2510, "smaller": {"vision.max_pixels=100352": 1290, ...}}``."""
+    from slurmtune.data.vision import VisionSettings
+
+    def longest(enc) -> int:
+        return max((text + sum(enc.media_tokens(kind, path) for kind, path in parts) for text, parts in counted),
+                   default=0)
+
+    options = [(f"vision.max_pixels={v.max_pixels // k}", VisionSettings(v.fps, v.max_frames, v.max_pixels // k))
+               for k in (2, 4) if v.max_pixels // k >= encoder.factor ** 2]
+    if any(kind == "video" for _, parts in counted for kind, _ in parts) and v.max_frames >= 4:
+        options.append((f"vision.max_frames={v.max_frames // 2}", VisionSettings(v.fps, v.max_frames // 2, v.max_pixels)))
+    return {"tokens": longest(encoder), "smaller": {label: longest(encoder.with_settings(s)) for label, s in options}}
 
 
 def _converted_preview(cfg: RunConfig) -> tuple["TrainRecords", str]:
@@ -582,6 +601,9 @@ def train_estimates(sub: Submission, preview: Preview, always: bool = False) -> 
         key = (cfg.lora.r, tuple(cfg.lora.target_modules))
         shape = shapes[key] = shapes.get(key) or model_shape(cfg)
         setting = Setting.of(cfg, on_gpu)
+        longest = report.get("longest")
+        if longest and longest["tokens"] and cfg.vision == sub.cfg.vision:  # every row of a vision run counted
+            setting = replace(setting, row_tokens=longest["tokens"], smaller_media=tuple(longest["smaller"].items()))
         est = TrainEstimate(label, estimate_memory(shape, setting), gpu,
                             fixes(shape, setting, gpu.usable_bytes) if gpu and gpu.usable_bytes else [])
         if rows and mean_row:

@@ -461,3 +461,28 @@ def test_a_phantom_row_makes_a_text_batch_run_the_tower_and_changes_no_loss(fami
         assert model(**padded).loss.item() == model(**plain).loss.item()
     hook.remove()
     assert len(seen) == len(kinds)  # the tower ran once per kind; without the phantoms, never
+
+
+def test_a_vision_run_too_big_for_its_gpu_is_refused_with_the_pixels_that_fit(cli, tmp_path):
+    """The estimate takes the longest row as counted (2,500 image tokens of a 1400x1400 page), not
+    max_length, and says which vision knob brings it under the partition's GPU memory."""
+    Image.new("RGB", (1400, 1400), (250, 250, 250)).save(tmp_path / "page.png")
+    data = write_jsonl(tmp_path / "pages.jsonl", [{"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Read it."}, {"type": "image", "image": "page.png"}]},
+        {"role": "assistant", "content": "A page."}]}] * 2)
+    m = tmp_path / "pages.yaml"
+    m.write_text(json.dumps({"name": "pages", "output_dir": str(tmp_path / "runs"), "model": {"path": str(QWEN_VL)},
+                             "data": {"train_files": [str(data)]}, "vision": {"max_pixels": 3211264},
+                             "train": {"method": "qlora", "batch_size": 8, "max_length": 8192},
+                             "slurm": {"gpus": 1, "time_min": 60}}))
+    profile = tmp_path / "gpu16.yaml"
+    profile.write_text((REPO / "slurm" / "local-test.yaml").read_text() + "\ngpu_mem_gb: 16\n")
+    r = cli("estimate", m, "--cluster", profile)
+    assert r.code == 1
+    problem = next(line for line in r.err.splitlines() if "more than the" in line)
+    assert "train: estimated 16.1 GiB" in problem and "vision.max_pixels=1605632: 14.3 GiB" in problem
+    assert "vision.max_pixels=802816: 10.5 GiB" in problem  # recounted from the page's size, not halved
+    fits = cli("estimate", m, "vision.max_pixels=1605632", "--cluster", profile)
+    assert fits.code == 0, fits.err
+    assert "estimate: train needs 14.3 GiB" in fits.err  # what the fix said
+    assert "tokens trained (0%) in 2 rows" in fits.err and not (tmp_path / "runs").exists()

@@ -31,6 +31,7 @@ is tested against the image processor (two identical frames are that image).
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,19 @@ class VisionEncoder:
         self.placeholder_ids = {self.tokenizer.convert_tokens_to_ids(token): kind
                                 for kind, token in self.PLACEHOLDERS.items()}
         self.cache = FrameCache(cache_dir) if cache_dir is not None else None
+        self._probed: dict = {}
+
+    def with_settings(self, settings: VisionSettings) -> "VisionEncoder":
+        """This encoder sizing media by other settings (the tokenizer and files probed shared)."""
+        other = copy.copy(self)
+        other.settings = settings
+        return other
+
+    def _probe(self, path: str, kind: str):
+        """The file's size and length (slurmtune.data.media.probe), opened once per encoder."""
+        if (path, kind) not in self._probed:
+            self._probed[(path, kind)] = probe(path, kind)
+        return self._probed[(path, kind)]
 
     # --- tokens --------------------------------------------------------------------------
     def encode(self, record: dict, max_length: int | None = None, where: str = "row",
@@ -286,13 +300,13 @@ class QwenVLEncoder(VisionEncoder):
         return t * h * w // (self.merge * self.merge)
 
     def _image_grid(self, path: str) -> tuple[int, int, int]:
-        info = probe(path, "image")
+        info = self._probe(path, "image")
         width, height = fit_pixels(info.width, info.height, self.settings.max_pixels, self.factor)
         return 1, height // self.patch, width // self.patch
 
     def _video_grid(self, path: str) -> tuple[int, int, int]:
         s = self.settings
-        info = probe(path, "video")
+        info = self._probe(path, "video")
         frames = len(sample_times(info.duration_s, s.fps, s.max_frames)[0])
         width, height = fit_pixels(info.width, info.height, s.max_pixels, self.factor)
         return -(-frames // self.temporal), height // self.patch, width // self.patch
@@ -392,7 +406,7 @@ class PixtralEncoder(VisionEncoder):
         return rows * (cols + 1)
 
     def _grid(self, path: str) -> tuple[int, int]:
-        info = probe(path, "image")
+        info = self._probe(path, "image")
         width, height = fit_pixels(info.width, info.height, self.settings.max_pixels, self.factor, self.min_pixels)
         return height // self.factor, width // self.factor
 

@@ -88,6 +88,11 @@ class Setting:
     r: int
     processes: int = 1
     zero_stage: int = 0  # 0: no DeepSpeed
+    # A vision run's rows are all counted on the login node: its longest row, and the longest
+    # under smaller media settings ((``vision.max_pixels=N``, tokens), ...). None: unknown, every
+    # row taken as max_length.
+    row_tokens: int | None = None
+    smaller_media: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def of(cls, cfg: RunConfig, on_gpu: bool) -> "Setting":
@@ -99,6 +104,11 @@ class Setting:
         t = cfg.train
         return cls(t.method, on_gpu, checkpoints_activations(cfg, on_gpu), t.batch_size, t.max_length,
                    cfg.lora.r, processes, stage)
+
+    @property
+    def length(self) -> int:
+        """Tokens of the longest row a batch is padded to."""
+        return min(self.max_length, self.row_tokens) if self.row_tokens else self.max_length
 
     @property
     def width(self) -> int:
@@ -214,7 +224,7 @@ def estimate_memory(shape: ModelShape, s: Setting) -> Memory:
         adapter /= s.processes
     elif s.zero_stage == 2:
         adapter = shape.lora_params * (4 + (ADAPTER_BYTES - 4) / s.processes)
-    tokens = s.batch_size * s.max_length
+    tokens = s.batch_size * s.length
     per_layer = tokens * layer_activation_bytes(shape, s)
     outside = tokens * 4 * shape.hidden * e  # embeddings, the final norm, the head's input
     head = lm_head_bytes(shape, s, tokens)
@@ -256,6 +266,7 @@ def fixes(shape: ModelShape, s: Setting, usable: float) -> list[str]:
     methods = list(WEIGHT_BYTES)
     if s.on_gpu and s.processes == 1:
         tries += [(f"train.method={m}", replace(s, method=m)) for m in methods[methods.index(s.method) + 1:]]
+    tries += _vision_fixes(s)
     length = s.max_length // 2
     while length >= 256:
         tries.append((f"train.max_length={length} (longer rows are refused or cut)", replace(s, max_length=length)))
@@ -268,6 +279,13 @@ def fixes(shape: ModelShape, s: Setting, usable: float) -> list[str]:
             if label.startswith("train.max_length"):
                 break  # the longest length that fits is the one to say
     return found
+
+
+def _vision_fixes(s: Setting) -> list[tuple[str, Setting]]:
+    """Fewer pixels per image and frame, or fewer frames: the longest row as the login node
+    counted it under each (changes that make no row longer but shrink the media)."""
+    return [(label, replace(s, row_tokens=tokens)) for label, tokens in s.smaller_media
+            if s.row_tokens and tokens < s.row_tokens]
 
 
 def train_flops(shape: ModelShape, s: Setting, tokens: float) -> float:
