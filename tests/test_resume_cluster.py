@@ -1,7 +1,8 @@
 """Training survives interruption on the real cluster and ends bit-identical to an uninterrupted run.
 
-Five trainings of the same manifest run on the test cluster at once: one uninterrupted (the
-reference) and four interrupted in the ways a cluster interrupts them: SLURM's warning signal
+Five trainings of the same manifest run on the test cluster at once (and two of a tiny
+vision-language model, one interrupted by USR2): one uninterrupted (the reference) and four
+interrupted in the ways a cluster interrupts them: SLURM's warning signal
 (USR2, as submitit's own interrupt sends it), SIGTERM (what preemption sends first), a real
 time limit, and SIGKILL while a checkpoint is being written. Each must end with the reference's
 adapter bytes and losses. The time-limited one holds each step of its first attempt for
@@ -17,6 +18,7 @@ import os
 import re
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -42,7 +44,7 @@ def _rows(n=64):
 
 @pytest.fixture(scope="module")
 def trainings(slurm_cluster, tmp_path_factory):
-    """Submit all five trainings up front so they share the cluster's wall time."""
+    """Submit all seven trainings up front so they share the cluster's wall time."""
     from slurmtune.cli.main import main
     from slurmtune.train.tiny_model import make_tiny_model
     root = tmp_path_factory.mktemp("resume")
@@ -79,14 +81,46 @@ slurm: {{time_min: {time_min}, gpus: 0}}
             for k, v in old.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         runs[name] = Run.open(None, root / "runs" / name)
+    for name in ("vision-reference", "vision-usr2"):
+        assert main(["submit", "train", str(_vision_manifest(root, name)), "--cluster", "local-test"]) == 0
+        runs[name] = Run.open(None, root / "runs" / name)
     return runs
+
+
+VISION_STEPS = 8
+
+
+def _vision_manifest(root: Path, name: str) -> Path:
+    """A tiny Qwen2.5-VL on rows of an image, a video or text only, mixed in each batch."""
+    from PIL import Image
+
+    from conftest import REPO
+    from test_media import write_video
+    from slurmtune.train.tiny_model import make_tiny_vlm
+
+    if not (root / "tiny-vl").is_dir():
+        make_tiny_vlm(root / "tiny-vl", REPO.parent / "shared" / "models" / "qwen2.5-vl-instruct")
+        Image.new("RGB", (100, 60), (200, 10, 10)).save(root / "page.png")
+        write_video(root / "talk.mp4", seconds=2, fps=4)
+        media = [[], [{"type": "image", "image": str(root / "page.png")}], [{"type": "video", "video": str(root / "talk.mp4")}]]
+        write_jsonl(root / "vision.jsonl", [{"messages": [
+            {"role": "user", "content": [{"type": "text", "text": f"Question {i}?"}, *media[i % 3]]},
+            {"role": "assistant", "content": f"Answer {i}."}]} for i in range(12)])
+    manifest = root / f"{name}.yaml"
+    manifest.write_text(json.dumps({
+        "name": name, "output_dir": str(root / "runs" / name), "data": {"train_files": [str(root / "vision.jsonl")]},
+        "model": {"path": str(root / "tiny-vl")}, "lora": {"r": 4, "alpha": 8},
+        "train": {"method": "lora", "max_steps": VISION_STEPS, "batch_size": 2, "grad_accum": 1, "lr": 1.0e-3,
+                  "max_length": 256, "save_steps": 3, "keep_last": 2, "seed": 7},
+        "vision": {"fps": 2.0, "max_frames": 4, "max_pixels": 3136}, "slurm": {"time_min": 10, "gpus": 0}}))
+    return manifest
 
 
 @pytest.fixture(scope="module")
 def interrupted(trainings, slurm_cluster):
     """Interrupt three of the trainings as soon as each is where its test needs it, in parallel."""
     pending = {"usr2": ("USR2", _trained_a_few_steps), "sigterm": ("TERM", _trained_a_few_steps),
-               "kill9": ("KILL", _checkpoint_half_written)}
+               "kill9": ("KILL", _checkpoint_half_written), "vision-usr2": ("USR2", _trained_a_few_steps)}
     deadline = time.monotonic() + 600
     while pending and time.monotonic() < deadline:
         for name, (signal_name, ready) in list(pending.items()):
@@ -156,6 +190,16 @@ def _assert_resumed_after_signal(run, slurm_cluster, cli, reference):
 
 def test_usr2_saves_at_the_next_step_requeues_and_resumes_exactly(interrupted, reference, slurm_cluster, cli):
     _assert_resumed_after_signal(interrupted["usr2"], slurm_cluster, cli, reference)
+
+
+def test_a_vision_run_resumes_after_usr2_to_the_same_adapter_bytes(interrupted, slurm_cluster, cli):
+    """Images, video and text rows: the frame cache, the media batches and the data order survive
+    the requeue; the adapter and every logged loss equal the uninterrupted job's."""
+    reference = interrupted["vision-reference"]
+    assert _wait_done(reference, slurm_cluster) == "COMPLETED"
+    losses = _losses(reference)
+    assert sorted(losses) == list(range(1, VISION_STEPS + 1))
+    _assert_resumed_after_signal(interrupted["vision-usr2"], slurm_cluster, cli, (_adapter_sha(reference), losses))
 
 
 def test_sigterm_saves_requeues_and_resumes_exactly(interrupted, reference, slurm_cluster, cli):
