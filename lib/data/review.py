@@ -88,7 +88,7 @@ def write_review(files: list[str], out: str | Path, fmt: str = "auto", tokenizer
     problems: dict[tuple, list[dict]] = {}
     for p in report["problems"]:
         problems.setdefault((p["file"], p["line"], p.get("index")), []).append(p)
-    media = MediaViews(".")
+    media = MediaViews(".")  # each row's media are relative to its own file's folder (passed per row)
     shown, flagged = [], 0
     for position, (where, value, row_fmt) in enumerate(rows):
         mine = problems.pop((str(where.path), where.line, where.index), [])
@@ -102,7 +102,7 @@ def write_review(files: list[str], out: str | Path, fmt: str = "auto", tokenizer
         subtitle=" ".join(str(f) for f in files), sections=_summary_section(summary, problems),
         rows_title="Rows", filters=[("problem", "with problems"), ("ok", "no problem")],
         search_hint="Search messages, fields and problems", head=["Row", "Record", "Problems"], rows=shown)
-    with AtomicFiles(out.parent if str(out.parent) else Path(".")) as atomic:
+    with AtomicFiles(out.parent) as atomic:
         atomic.open(out.name).write(html)
     return summary
 
